@@ -1,0 +1,222 @@
+"""The ``talk`` command. Parses arguments, builds configs and calls stages; no stage logic here.
+
+Exit codes (docs/cli.md): 0 ok, 1 bad input or failed stage, 2 usage error or a stage this version
+does not provide, 3 workspace locked by another run, 4 workspace not writable or disk full,
+5 optional model missing, 130 interrupted. Errors are one line on stderr; ``--debug`` adds the
+traceback. ``--json`` prints a machine-readable summary on stdout (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from . import __version__, progress
+from .errors import TalkError
+
+app = typer.Typer(
+    name="talk",
+    help="Turn a video of one person talking into a drivable avatar, and render new talking-head videos.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or messages (errors still print)."),
+) -> None:
+    _state["debug"] = debug
+    progress.set_quiet(quiet)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn failures into one line on stderr and the documented exit code."""
+    try:
+        yield
+    except TalkError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        progress.console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        progress.console.print("[red]interrupted[/red]: finished stages are kept; rerun the command to continue")
+        raise typer.Exit(130)
+    except (typer.Exit, typer.Abort):
+        raise
+    except OSError as exc:
+        from .errors import storage_error
+
+        if _state["debug"]:
+            traceback.print_exc()
+        progress.console.print(f"[red]error:[/red] {storage_error(exc, exc.filename or 'a file')}", soft_wrap=True)
+        raise typer.Exit(4)
+    except Exception as exc:  # a bug: still one line unless --debug
+        if _state["debug"]:
+            traceback.print_exc()
+        progress.console.print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _emit_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- preprocess
+
+
+@app.command()
+def preprocess(
+    video: Path = typer.Argument(..., help="Video of the subject talking (any format ffmpeg reads)."),
+    workspace: Optional[Path] = typer.Option(None, "--workspace", "-w",
+                                             help="Workspace directory [default: ./<video name>/]."),
+    size: int = typer.Option(512, "--size", help="Output frame size in pixels (square)."),
+    fps: float = typer.Option(25.0, "--fps", help="Working frame rate; any input rate is resampled to it."),
+    crop: str = typer.Option("auto", "--crop", help="auto (face-centred), full (centred square) or x,y,side."),
+    frame_format: str = typer.Option("png", "--frame-format", help="png (lossless) or jpg."),
+    audio_features: str = typer.Option("logmel", "--audio-features",
+                                       help="logmel; hubert / wav2vec2 from --audio-model in a later version."),
+    audio_model: Optional[Path] = typer.Option(None, "--audio-model", help="HuBERT / wav2vec2 model directory."),
+    min_face_fraction: float = typer.Option(0.5, "--min-face-fraction",
+                                            help="Fail when fewer frames than this show a face."),
+    force: bool = typer.Option(False, "--force", help="Redo every stage even if it is up to date."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Decode, crop and extract audio from a video into a per-subject workspace (cached, resumable)."""
+    with _errors():
+        from .config import PreprocessConfig
+        from .preprocess import pipeline
+        from .workspace import Workspace
+
+        cfg = PreprocessConfig(fps=fps, size=size, crop=crop, frame_format=frame_format,
+                               audio_features=audio_features,
+                               audio_model=str(audio_model) if audio_model else None,
+                               min_face_fraction=min_face_fraction).validate()
+        ws = Workspace(workspace or pipeline.default_workspace(video))
+        with ws.locked(f"talk preprocess {video}"):
+            summary = pipeline.run(ws, video, cfg, force=force)
+        if as_json:
+            _emit_json(summary)
+        else:
+            ran = [n for n, s in summary["stages"].items() if not s["skipped"]]
+            progress.info(
+                f"[bold]{summary['frames']} frames[/bold] at {summary['fps']:g} fps, {summary['size']}², "
+                f"in {summary['workspace']} ({'ran ' + ', '.join(ran) if ran else 'all up to date'}, "
+                f"{summary['seconds']:.1f} s)"
+            )
+
+
+# --------------------------------------------------------------------------- status
+
+
+@app.command()
+def status(
+    workspace: Path = typer.Argument(..., help="Workspace directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stage table as JSON on stdout."),
+) -> None:
+    """Show which stages of a workspace are done, stale or missing."""
+    with _errors():
+        from .workspace import Workspace
+
+        ws = Workspace(workspace)
+        if not ws.root.is_dir() or not ws.is_workspace():
+            raise TalkError(f"{workspace} is not a talkcli workspace (no workspace.json)")
+        rows = ws.status()
+        if as_json:
+            _emit_json({
+                "workspace": str(ws.root),
+                "source": (ws.source() or {}).get("path"),
+                "stages": [{"name": r.name, "state": r.state, "reason": r.reason,
+                            "finished": r.record and r.record.get("started"),
+                            "seconds": r.record and r.record.get("seconds")} for r in rows],
+            })
+            return
+        from rich.table import Table
+
+        colour = {"done": "green", "stale": "yellow", "missing": "red"}
+        table = Table(title=str(ws.root), title_justify="left")
+        for col in ("stage", "state", "why", "made", "seconds"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r.name, f"[{colour[r.state]}]{r.state}[/]", r.reason,
+                          (r.record or {}).get("started", ""),
+                          f"{r.record['seconds']:.1f}" if r.record else "")
+        progress.console.print(table)
+
+
+# --------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout.")) -> None:
+    """Versions, compute device, native kernels and optional models."""
+    with _errors():
+        from .info import collect
+
+        data = collect()
+        if as_json:
+            _emit_json(data)
+            return
+        c = progress.console
+        c.print(f"[bold]talkcli {data['talkcli']}[/bold]  python {data['python']}  ({data['platform']})")
+        c.print("packages: " + ", ".join(f"{k} {v}" for k, v in data["packages"].items()))
+        c.print(f"ffmpeg:   {data['ffmpeg']['version']} ({data['ffmpeg']['path']})")
+        d = data["device"]
+        c.print(f"cpu:      {d['cpu_count']} cores, torch uses {d['torch_threads']} threads")
+        c.print(f"cuda:     {d['cuda'] or 'none'}")
+        k = data["native_kernels"]
+        c.print(f"kernels:  {k['status']} (C++ compiler: {k['cxx'] or 'none'}, nvcc: {k['nvcc'] or 'none'})")
+        c.print(f"models:   optional, in {data['models_root']}")
+        for name, m in data["optional_models"].items():
+            mark = "[green]✓[/green]" if m["configured"] else "-"
+            c.print(f"  {mark} {name:<15} {m['detail']}")
+
+
+# --------------------------------------------------------------------------- later stages
+
+_LATER = {
+    "train": "trains the avatar (r2talker / meshhash) from a preprocessed workspace",
+    "drive": "turns speech audio or an expression file into a motion track",
+    "render": "renders a talking-head video from audio or a motion track",
+    "eval": "measures an avatar on held-out frames",
+}
+
+
+def _not_yet(name: str):
+    def command(ctx: typer.Context) -> None:
+        with _errors():
+            from .errors import NotAvailable
+
+            raise NotAvailable(f"talk {name} is not available in talkcli {__version__} yet: it {_LATER[name]}; "
+                               "today talk preprocess builds the workspace it will use")
+
+    command.__doc__ = f"(not available yet) {_LATER[name][0].upper()}{_LATER[name][1:]}."
+    return command
+
+
+for _name in _LATER:
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        _not_yet(_name))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
