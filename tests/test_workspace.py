@@ -1,0 +1,163 @@
+"""The workspace mechanism on its own: keys, skipping, staleness, atomic writes, the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from talkcli import workspace as wsmod
+from talkcli.errors import WorkspaceLocked
+from talkcli.workspace import Workspace, atomic_path, fingerprint_key, run_stage, source_fingerprint
+
+
+@pytest.fixture
+def graph(monkeypatch):
+    """A small stage graph: a <- b <- c, with a made from a source file."""
+    monkeypatch.setattr(wsmod, "STAGES", {"a": (), "b": ("a",), "c": ("b",)})
+
+
+def _write(ws: Workspace, rel: str, text: str) -> dict:
+    path = ws.path(rel)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return {"wrote": rel}
+
+
+def _run_all(ws: Workspace, src, cfg_b: int = 1, force: bool = False) -> dict:
+    fp = source_fingerprint(src, previous=ws.source())
+    ws.set_source(fp)
+    calls = {}
+    a = run_stage(ws, "a", code_version=1, config={}, inputs={"source": fingerprint_key(fp)}, outputs=["a.txt"],
+                  fn=lambda: _write(ws, "a.txt", src.read_text()), force=force)
+    b = run_stage(ws, "b", code_version=1, config={"x": cfg_b}, inputs={"a": a.record["key"]}, outputs=["b.txt"],
+                  fn=lambda: _write(ws, "b.txt", f"b{cfg_b}"), force=force)
+    c = run_stage(ws, "c", code_version=1, config={}, inputs={"b": b.record["key"]}, outputs=["c.txt"],
+                  fn=lambda: _write(ws, "c.txt", "c"), force=force)
+    for r in (a, b, c):
+        calls[r.name] = not r.skipped
+    return calls
+
+
+def _states(ws: Workspace) -> dict:
+    return {s.name: s.state for s in ws.status()}
+
+
+def test_skip_rerun_and_downstream(tmp_path, graph):
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    assert _states(ws) == {"a": "missing", "b": "missing", "c": "missing"}
+    assert _run_all(ws, src) == {"a": True, "b": True, "c": True}
+    assert _states(ws) == {"a": "done", "b": "done", "c": "done"}
+    assert _run_all(ws, src) == {"a": False, "b": False, "c": False}
+    # a config change of b redoes b and c, not a
+    assert _run_all(ws, src, cfg_b=2) == {"a": False, "b": True, "c": True}
+    assert _run_all(ws, src, cfg_b=2, force=True) == {"a": True, "b": True, "c": True}
+
+
+def test_source_change_marks_everything_stale(tmp_path, graph):
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch
+    states = {s.name: (s.state, s.reason) for s in ws.status()}
+    assert states["a"] == ("stale", "source file changed")
+    assert states["b"] == ("stale", "upstream a is stale")
+    assert _run_all(ws, src) == {"a": True, "b": True, "c": True}
+
+
+def test_redone_upstream_makes_downstream_stale(tmp_path, graph):
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    fp = ws.source()
+    a = ws.record("a")
+    run_stage(ws, "b", code_version=1, config={"x": 9}, inputs={"a": a["key"]}, outputs=["b.txt"],
+              fn=lambda: _write(ws, "b.txt", "b9"))
+    states = {s.name: (s.state, s.reason) for s in ws.status()}
+    assert states["b"][0] == "done"
+    assert states["c"] == ("stale", "upstream b was redone")
+    assert fp == ws.source()
+
+
+def test_removed_output_is_missing_and_redone(tmp_path, graph):
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    ws.path("b.txt").unlink()
+    assert _states(ws)["b"] == "missing"
+    assert _run_all(ws, src) == {"a": False, "b": True, "c": False}  # same content -> same key for c
+
+
+def test_failed_stage_keeps_no_record_and_no_partial_output(tmp_path, graph):
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+
+    def boom():
+        with ws.staging_dir("out") as d:
+            (d / "1.txt").write_text("partial")
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        run_stage(ws, "a", code_version=1, config={}, inputs={}, outputs=["out"], fn=boom)
+    assert ws.record("a") is None
+    assert not ws.path("out").exists()
+    assert not any(ws.path(".tmp").iterdir())
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.json"
+    target.write_text("old")
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("new, half written")
+            raise ValueError
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_lock_in_process(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    with ws.locked("first"):
+        with pytest.raises(WorkspaceLocked, match=f"pid {os.getpid()}.*first"):
+            with Workspace(tmp_path / "ws").locked("second"):
+                pass
+    with ws.locked("again"):  # released
+        pass
+    assert not (ws.root / ".talk.lock").exists()
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path):
+    root = tmp_path / "ws"
+    code = textwrap.dedent(f"""
+        import time, sys
+        from talkcli.workspace import Workspace
+        with Workspace({str(root)!r}).locked("holder"):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkspaceLocked, match=f"pid {proc.pid}"):
+            with Workspace(root).locked("second"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with Workspace(root).locked("after the kill"):  # no stale lock
+        holder = json.loads((root / ".talk.lock").read_text())
+        assert holder["pid"] == os.getpid()
