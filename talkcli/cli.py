@@ -108,8 +108,14 @@ def preprocess(
                                audio_model=str(audio_model) if audio_model else None,
                                min_face_fraction=min_face_fraction).validate()
         ws = Workspace(workspace or pipeline.default_workspace(video))
-        with ws.locked(f"talk preprocess {video}"):
-            summary = pipeline.run(ws, video, cfg, force=force)
+        created = not ws.root.exists()
+        try:
+            with ws.locked(f"talk preprocess {video}"):
+                summary = pipeline.run(ws, video, cfg, force=force)
+        except TalkError:
+            if created:  # e.g. not a media file: leave no empty workspace behind
+                ws.remove_if_unused()
+            raise
         if as_json:
             _emit_json(summary)
         else:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import NotAvailable, UsageError
 
 AUDIO_FEATURE_KINDS = ("logmel", "hubert", "wav2vec2")
 FRAME_FORMATS = ("png", "jpg")
@@ -45,6 +45,9 @@ class PreprocessConfig:
             raise UsageError(f"--frame-format must be one of {', '.join(FRAME_FORMATS)}")
         if self.audio_features not in AUDIO_FEATURE_KINDS:
             raise UsageError(f"--audio-features must be one of {', '.join(AUDIO_FEATURE_KINDS)}")
+        if self.audio_features != "logmel":  # fail before any work, not after the frames stage
+            raise NotAvailable(f"--audio-features {self.audio_features} is not available in this version yet; "
+                               "use logmel (the default)")
         if not 0.0 <= self.min_face_fraction <= 1.0:
             raise UsageError("--min-face-fraction must be between 0 and 1")
         if self.crop not in ("auto", "full"):

@@ -30,6 +30,8 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if not speed and task.elapsed and task.completed:  # one-step tasks have no sampled speed
+            speed = task.completed / task.elapsed
         return Text(f"{speed:6.1f} {self.unit}/s" if speed else f"   ... {self.unit}/s", style="cyan")
 
 
@@ -67,8 +69,8 @@ def bar(description: str, total: float | None, unit: str = "frames") -> Iterator
 
 def info(msg: str) -> None:
     if not _quiet:
-        console.print(msg)
+        console.print(msg, soft_wrap=True)
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}")
+    console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)

@@ -244,6 +244,11 @@ class Workspace:
         for stray in self.root.glob(".*.tmp*"):
             _unlink_quiet(stray)
 
+    def remove_if_unused(self) -> None:
+        """Delete a workspace that holds no finished stage (a first run that failed early)."""
+        if self.root.is_dir() and not self.manifest()["stages"]:
+            shutil.rmtree(self.root, ignore_errors=True)
+
     # ---- manifest
 
     @property
@@ -317,6 +322,9 @@ class Workspace:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
+        finally:
+            with contextlib.suppress(OSError):  # only succeeds when nothing else is staged
+                (self.root / TMPDIR).rmdir()
 
     # ---- status
 

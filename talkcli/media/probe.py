@@ -126,6 +126,10 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         if vs is not None:
             if not vpts:
                 raise InputError(f"{path.name}: the video stream holds no frames (truncated?)")
+            promised = int(vs.frames or 0)  # from the container index, when it has one
+            if promised and len(vpts) < promised - max(2, promised // 100):
+                raise InputError(f"{path.name} is truncated or damaged: its index lists {promised} video frames "
+                                 f"but the file holds {len(vpts)}")
             video = _video_info(container, vs, np.array(vpts), np.array(vdur), origin)
         audio = None
         if as_ is not None and a_first is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import PreprocessConfig
-from ..errors import NotAvailable
 
 CHUNK = 4096  # analysis windows per FFT batch: bounded memory for long audio
 
@@ -47,11 +46,7 @@ def logmel(samples: np.ndarray, sr: int, fps: float, n_frames: int, cfg: Preproc
 def compute(samples: np.ndarray, sr: int, fps: float, n_frames: int, cfg: PreprocessConfig,
             progress=None) -> dict:
     """Features and their description, ready for ``np.savez``."""
-    if cfg.audio_features != "logmel":
-        raise NotAvailable(
-            f"--audio-features {cfg.audio_features} is not available in this version yet; "
-            "use logmel (the default)"
-        )
+    assert cfg.audio_features == "logmel", "validated by PreprocessConfig.validate"
     feats = logmel(samples, sr, fps, n_frames, cfg, progress)
     return {
         "features": feats,

@@ -159,7 +159,7 @@ def choose_crop(track: FaceTrack, info: MediaInfo, cfg: PreprocessConfig) -> tup
         raise InputError(
             f"no face found in {n - found} of {n} frames ({100 * (1 - fraction):.0f}%); talkcli needs one "
             f"visible face in at least {100 * cfg.min_face_fraction:.0f}% of the frames "
-            "(or pass --crop x,y,side to skip detection)"
+            "(or pass --crop full or --crop x,y,side to skip detection)"
         )
     s = smooth_boxes(track, info.video.avg_fps or cfg.fps)
     cx, cy, size = s[:, 0], s[:, 1], s[:, 2]

@@ -20,7 +20,7 @@ import numpy as np
 from .. import progress
 from ..config import (AUDIO_FIELDS, DETECT_FIELDS, FEATURE_FIELDS, FRAMES_FIELDS, PROBE_FIELDS,
                       PreprocessConfig)
-from ..errors import InputError, StorageError, storage_error
+from ..errors import InputError
 from ..media.decode import CropBox, frame_size, iter_frames
 from ..media.probe import AudioInfo, MediaInfo, VideoInfo, duration_str, probe
 from ..workspace import (Workspace, atomic_path, fingerprint_key, read_json, run_stage, source_fingerprint,
@@ -166,17 +166,13 @@ def _frames(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfi
     n = timeline["n_frames"]
     ext = cfg.frame_format
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if ext == "png" else [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
-    def write(path: Path, rgb: np.ndarray) -> None:
-        if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]), params):
-            _raise_write_failure(path)
-
     # Image encoding (cv2 releases the GIL) overlaps with decoding in ffmpeg; a bounded number of
     # frames in flight keeps memory flat however long the video is.
     with ws.staging_dir(FRAMES_DIR) as out, progress.bar("writing frames", n) as bar, \
             ThreadPoolExecutor(max_workers=2) as pool:
         pending: deque = deque()
         for i, rgb in enumerate(iter_frames(info, cfg.fps, crop=crop, size=cfg.size, n_frames=n)):
-            pending.append(pool.submit(write, out / f"{i:06d}.{ext}", rgb))
+            pending.append(pool.submit(_write_image, out / f"{i:06d}.{ext}", rgb, params))
             while len(pending) > 8 or (pending and pending[0].done()):
                 pending.popleft().result()
                 bar.advance()
@@ -191,20 +187,16 @@ def _frames(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfi
     return {"n_frames": n, "size": cfg.size, "format": ext}
 
 
-def _raise_write_failure(path: Path) -> None:
-    """cv2.imwrite reports failure as False; find out why with a plain write."""
-    try:
-        with open(path, "ab") as fh:
-            fh.write(b"")
-            fh.flush()
-    except OSError as exc:
-        raise storage_error(exc, str(path)) from exc
-    import shutil
+def _write_image(path: Path, rgb: np.ndarray, params: list[int]) -> None:
+    """Encode in memory, write with Python: a full disk raises ENOSPC (cv2.imwrite would print
+    libpng errors and return False)."""
+    import cv2
 
-    free = shutil.disk_usage(path.parent).free
-    if free < 16 << 20:
-        raise StorageError(f"disk full while writing {path}; free some space and rerun (finished stages are kept)")
-    raise StorageError(f"cannot write {path}")
+    ok, data = cv2.imencode(path.suffix, np.ascontiguousarray(rgb[:, :, ::-1]), params)
+    if not ok:
+        raise InputError(f"could not encode frame {path.name}")
+    with open(path, "wb") as fh:
+        fh.write(data.tobytes())
 
 
 def _audio(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfig) -> dict:
