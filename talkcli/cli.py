@@ -94,10 +94,16 @@ def preprocess(
     audio_model: Optional[Path] = typer.Option(None, "--audio-model", help="HuBERT / wav2vec2 model directory."),
     min_face_fraction: float = typer.Option(0.5, "--min-face-fraction",
                                             help="Fail when fewer frames than this show a face."),
+    flame: Optional[Path] = typer.Option(None, "--flame", help="FLAME generic_model.pkl: fit FLAME instead of "
+                                         "the built-in face model (mediapipe_landmark_embedding.npz beside it)."),
+    flame_embedding: Optional[Path] = typer.Option(None, "--flame-embedding",
+                                                   help="FLAME mediapipe_landmark_embedding.npz elsewhere."),
+    expression_components: int = typer.Option(32, "--expression-components",
+                                              help="At most this many expression components (built-in model)."),
     force: bool = typer.Option(False, "--force", help="Redo every stage even if it is up to date."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
-    """Decode, crop and extract audio from a video into a per-subject workspace (cached, resumable)."""
+    """Frames, audio, landmarks, matting and face-model fit of a video, in a per-subject workspace (cached)."""
     with _errors():
         from .config import PreprocessConfig
         from .preprocess import pipeline
@@ -106,7 +112,11 @@ def preprocess(
         cfg = PreprocessConfig(fps=fps, size=size, crop=crop, frame_format=frame_format,
                                audio_features=audio_features,
                                audio_model=str(audio_model) if audio_model else None,
-                               min_face_fraction=min_face_fraction).validate()
+                               min_face_fraction=min_face_fraction,
+                               face_model="flame" if flame else "builtin",
+                               flame=str(flame.resolve()) if flame else None,
+                               flame_embedding=str(flame_embedding.resolve()) if flame_embedding else None,
+                               expression_components=expression_components).validate()
         ws = Workspace(workspace or pipeline.default_workspace(video))
         created = not ws.root.exists()
         try:

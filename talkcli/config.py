@@ -35,6 +35,13 @@ class PreprocessConfig:
     mel_window_s: float = 0.025
     mel_fmin: float = 55.0
     mel_fmax: float = 7600.0
+    landmarks: str = "mediapipe"  # landmark backend
+    face_model: str = "builtin"  # builtin, or flame when --flame is given
+    flame: str | None = None  # FLAME generic_model.pkl
+    flame_embedding: str | None = None  # mediapipe_landmark_embedding.npz (default: beside the pkl)
+    expression_components: int = 32  # at most this many expression components (built-in model)
+    expression_explained: float = 0.97  # fewest components that explain this much variance
+    pose_smoothing: float = 1.0  # Gaussian sigma in frames for head pose (0: none)
 
     def validate(self) -> "PreprocessConfig":
         if not 1 <= self.fps <= 240:
@@ -52,6 +59,14 @@ class PreprocessConfig:
             raise UsageError("--min-face-fraction must be between 0 and 1")
         if self.crop not in ("auto", "full"):
             parse_crop(self.crop)
+        if self.landmarks != "mediapipe":
+            raise NotAvailable(f"--landmarks {self.landmarks} is not available in this version yet; use mediapipe")
+        if self.face_model not in ("builtin", "flame"):
+            raise UsageError("--face-model must be builtin or flame")
+        if self.face_model == "flame" and not self.flame:
+            raise UsageError("--face-model flame needs --flame PATH/generic_model.pkl")
+        if not 1 <= self.expression_components <= 128:
+            raise UsageError("--expression-components must be between 1 and 128")
         if self.audio_model is not None and not Path(self.audio_model).exists():
             raise UsageError(f"--audio-model {self.audio_model}: no such file or directory")
         return self
@@ -68,6 +83,10 @@ PROBE_FIELDS = ("fps",)
 DETECT_FIELDS = ("crop", "crop_scale", "crop_shift", "detect_max_side", "min_face_fraction")
 FRAMES_FIELDS = ("size", "frame_format", "jpeg_quality")
 AUDIO_FIELDS = ("sample_rate",)
+LANDMARK_FIELDS = ("landmarks",)
+MATTING_FIELDS: tuple[str, ...] = ()
+FACEFIT_FIELDS = ("face_model", "flame", "flame_embedding", "expression_components", "expression_explained",
+                  "pose_smoothing")
 FEATURE_FIELDS = ("audio_features", "audio_model", "mel_bins", "mel_per_frame", "mel_window_s", "mel_fmin",
                   "mel_fmax")
 

@@ -73,4 +73,5 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)
+    if not _quiet:  # --quiet: batch scripts read warnings from the --json summary instead
+        console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)

@@ -48,6 +48,9 @@ STAGES: dict[str, tuple[str, ...]] = {
     "probe": (),
     "detect": ("probe",),
     "frames": ("detect",),
+    "landmarks": ("frames",),
+    "matting": ("frames", "landmarks"),
+    "facefit": ("frames", "landmarks"),
     "audio": ("probe",),
     "audio_features": ("audio",),
 }
@@ -354,7 +357,7 @@ class Workspace:
                 dep_status = result[dep]
                 if dep_status.state != "done":
                     reason = f"upstream {dep} is {dep_status.state}"
-                elif rec["inputs"].get(dep) != dep_status.record["key"]:
+                elif rec["inputs"].get(dep) != dep_status.record.get("output_key"):
                     reason = f"upstream {dep} was redone"
                 if reason:
                     break
@@ -398,8 +401,8 @@ def run_stage(
     """Run ``fn`` unless the stage's record says it is up to date.
 
     ``fn`` writes ``outputs`` (paths relative to the workspace, each atomically) and returns a
-    summary dict stored in the record. ``inputs`` maps upstream stage names to their keys (or
-    ``source`` to the source fingerprint key).
+    summary dict stored in the record. ``inputs`` maps upstream stage names to their records'
+    ``output_key`` (or ``source`` to the source fingerprint key).
     """
     key = stage_key(name, code_version, config, inputs)
     rec = ws.record(name)
@@ -407,6 +410,7 @@ def run_stage(
         not force
         and rec is not None
         and rec.get("key") == key
+        and "output_key" in rec  # records written before output keys existed are redone
         and all(output_stats(ws.root, rel) == stats for rel, stats in rec.get("outputs", {}).items())
     ):
         return StageResult(name, rec, skipped=True)
@@ -415,13 +419,18 @@ def run_stage(
     ws.drop(name)
     started = time.time()
     summary = fn()
+    outputs_now = {rel: output_stats(ws.root, rel) for rel in outputs if (ws.root / rel).exists()}
     record = {
         "name": name,
         "key": key,
+        # What downstream stages record as their input: the key plus the identity of the outputs
+        # actually written, so outputs that are remade (even from the same inputs) or replaced by
+        # hand make everything downstream stale.
+        "output_key": stage_key(name, code_version, outputs_now, {"key": key}),
         "code_version": code_version,
         "inputs": inputs,
         "config": config,
-        "outputs": {rel: output_stats(ws.root, rel) for rel in outputs if (ws.root / rel).exists()},
+        "outputs": outputs_now,
         "version": __version__,
         "python": sys.version.split()[0],
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),

@@ -78,8 +78,8 @@ def test_status_json_all_done(clip_ws):
     _, ws, _ = clip_ws
     proc = talk("status", ws, "--json", check=True)
     states = {s["name"]: s["state"] for s in json.loads(proc.stdout)["stages"]}
-    assert states == {"probe": "done", "detect": "done", "frames": "done", "audio": "done",
-                      "audio_features": "done"}
+    assert states == {"probe": "done", "detect": "done", "frames": "done", "landmarks": "done", "matting": "done",
+                      "facefit": "done", "audio": "done", "audio_features": "done"}
 
 
 def test_second_run_skips_quickly_and_changes_nothing(clip_ws):
@@ -121,13 +121,13 @@ def test_changing_the_size_redoes_frames_and_marks_downstream_stale(clip_ws, tmp
     # A stage made from the frames, as the landmark tracker will be.
     monkeypatch.setattr(wsmod, "STAGES", {**wsmod.STAGES, "consumer": ("frames",)})
     with ws.locked("test"):
-        run_stage(ws, "consumer", code_version=1, config={}, inputs={"frames": ws.record("frames")["key"]},
+        run_stage(ws, "consumer", code_version=1, config={}, inputs={"frames": ws.record("frames")["output_key"]},
                   outputs=[], fn=lambda: {})
     assert {s.name: s.state for s in ws.status()}["consumer"] == "done"
     with ws.locked("test"):
         summary = pipeline.run(ws, video, PreprocessConfig(size=96))
     ran = {n for n, s in summary["stages"].items() if not s["skipped"]}
-    assert ran == {"frames"}
+    assert ran == {"frames", "landmarks", "matting", "facefit"}  # not detect, audio or features
     assert cv2.imread(str(root / "frames" / "000000.png")).shape == (96, 96, 3)
     status = {s.name: (s.state, s.reason) for s in ws.status()}
     assert status["frames"] == ("done", "")

@@ -34,9 +34,9 @@ def _run_all(ws: Workspace, src, cfg_b: int = 1, force: bool = False) -> dict:
     calls = {}
     a = run_stage(ws, "a", code_version=1, config={}, inputs={"source": fingerprint_key(fp)}, outputs=["a.txt"],
                   fn=lambda: _write(ws, "a.txt", src.read_text()), force=force)
-    b = run_stage(ws, "b", code_version=1, config={"x": cfg_b}, inputs={"a": a.record["key"]}, outputs=["b.txt"],
+    b = run_stage(ws, "b", code_version=1, config={"x": cfg_b}, inputs={"a": a.record["output_key"]}, outputs=["b.txt"],
                   fn=lambda: _write(ws, "b.txt", f"b{cfg_b}"), force=force)
-    c = run_stage(ws, "c", code_version=1, config={}, inputs={"b": b.record["key"]}, outputs=["c.txt"],
+    c = run_stage(ws, "c", code_version=1, config={}, inputs={"b": b.record["output_key"]}, outputs=["c.txt"],
                   fn=lambda: _write(ws, "c.txt", "c"), force=force)
     for r in (a, b, c):
         calls[r.name] = not r.skipped
@@ -83,7 +83,7 @@ def test_redone_upstream_makes_downstream_stale(tmp_path, graph):
     _run_all(ws, src)
     fp = ws.source()
     a = ws.record("a")
-    run_stage(ws, "b", code_version=1, config={"x": 9}, inputs={"a": a["key"]}, outputs=["b.txt"],
+    run_stage(ws, "b", code_version=1, config={"x": 9}, inputs={"a": a["output_key"]}, outputs=["b.txt"],
               fn=lambda: _write(ws, "b.txt", "b9"))
     states = {s.name: (s.state, s.reason) for s in ws.status()}
     assert states["b"][0] == "done"
@@ -99,7 +99,7 @@ def test_removed_output_is_missing_and_redone(tmp_path, graph):
     _run_all(ws, src)
     ws.path("b.txt").unlink()
     assert _states(ws)["b"] == "missing"
-    assert _run_all(ws, src) == {"a": False, "b": True, "c": False}  # same content -> same key for c
+    assert _run_all(ws, src) == {"a": False, "b": True, "c": True}  # b was remade: c is made from it
 
 
 def test_failed_stage_keeps_no_record_and_no_partial_output(tmp_path, graph):

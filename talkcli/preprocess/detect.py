@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +30,13 @@ from ..media.probe import MediaInfo
 
 @contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
-    """Silence the C++ logging (absl/glog/TFLite) that mediapipe writes straight to fd 2."""
+    """Silence the C++ logging (absl/glog/TFLite) that mediapipe writes straight to fd 2.
+
+    mediapipe logs on its first inferences, so whole processing loops run inside this. Our own
+    terminal output (progress bars, warnings) is moved to a duplicate of the real stderr meanwhile.
+    """
+    from .. import progress
+
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
@@ -38,10 +45,17 @@ def quiet_native_stderr() -> Iterator[None]:
         yield
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
+    console_file = progress.console.file
+    real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
     try:
+        sys.stderr.flush()
         os.dup2(devnull, 2)
+        progress.console.file = real
         yield
     finally:
+        progress.console.file = console_file
+        real.close()
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)

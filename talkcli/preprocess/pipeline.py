@@ -1,7 +1,9 @@
 """``talk preprocess``: video -> workspace artifacts, one cached stage at a time.
 
-    probe ──> detect ──> frames            source/probe.json -> detect/ -> frames/
-      └────> audio ──> audio_features      audio/audio.wav -> audio/features.npz
+    probe ──> detect ──> frames ──> landmarks ──> matting     matting/, previews/matting.png
+      │                    │            └──────> facefit     facefit.npz, transforms.json,
+      │                    └───────────────────────┘           previews/tracking.mp4
+      └────> audio ──> audio_features                        audio/audio.wav, audio/features.npz
 
 Each stage reads its upstream's artifacts from disk, writes its own atomically and is skipped
 when its record in the manifest matches (see workspace.py). Heavy libraries (mediapipe, librosa,
@@ -18,23 +20,31 @@ from pathlib import Path
 import numpy as np
 
 from .. import progress
-from ..config import (AUDIO_FIELDS, DETECT_FIELDS, FEATURE_FIELDS, FRAMES_FIELDS, PROBE_FIELDS,
-                      PreprocessConfig)
+from ..config import (AUDIO_FIELDS, DETECT_FIELDS, FACEFIT_FIELDS, FEATURE_FIELDS, FRAMES_FIELDS,
+                      LANDMARK_FIELDS, MATTING_FIELDS, PROBE_FIELDS, PreprocessConfig)
 from ..errors import InputError
 from ..media.decode import CropBox, frame_size, iter_frames
 from ..media.probe import AudioInfo, MediaInfo, VideoInfo, duration_str, probe
 from ..workspace import (Workspace, atomic_path, fingerprint_key, read_json, run_stage, source_fingerprint,
                          write_json)
+from .detect import quiet_native_stderr
 
 # Bump when a stage's algorithm changes in a way that changes its outputs: its key changes, so
 # existing workspaces redo it and everything downstream.
-CODE_VERSIONS = {"probe": 1, "detect": 1, "frames": 1, "audio": 1, "audio_features": 1}
+CODE_VERSIONS = {"probe": 1, "detect": 1, "frames": 1, "landmarks": 1, "matting": 1, "facefit": 1, "audio": 1,
+                 "audio_features": 1}
 
 PROBE_JSON = "source/probe.json"
 FACES_NPZ = "detect/faces.npz"
 CROP_JSON = "detect/crop.json"
 FRAMES_DIR = "frames"
 FRAMES_JSON = "frames/frames.json"
+LANDMARKS_NPZ = "landmarks.npz"
+MATTING_DIR = "matting"
+MATTING_PREVIEW = "previews/matting.png"
+FACEFIT_NPZ = "facefit.npz"
+TRANSFORMS_JSON = "transforms.json"
+TRACKING_PREVIEW = "previews/tracking.mp4"
 AUDIO_WAV = "audio/audio.wav"
 FEATURES_NPZ = "audio/features.npz"
 
@@ -80,13 +90,19 @@ def run(ws: Workspace, video: Path, cfg: PreprocessConfig, *, force: bool = Fals
     probe_rec = stage("probe", {"source": fingerprint_key(fp)}, PROBE_FIELDS, [PROBE_JSON],
                       lambda: _probe(ws, video, cfg))
     info, timeline = load_probe(ws)
-    detect_rec = stage("detect", {"probe": probe_rec["key"]}, DETECT_FIELDS, [FACES_NPZ, CROP_JSON],
+    detect_rec = stage("detect", {"probe": probe_rec["output_key"]}, DETECT_FIELDS, [FACES_NPZ, CROP_JSON],
                        lambda: _detect(ws, info, timeline, cfg))
-    frames_rec = stage("frames", {"detect": detect_rec["key"]}, FRAMES_FIELDS, [FRAMES_DIR],
+    frames_rec = stage("frames", {"detect": detect_rec["output_key"]}, FRAMES_FIELDS, [FRAMES_DIR],
                        lambda: _frames(ws, info, timeline, cfg))
-    audio_rec = stage("audio", {"probe": probe_rec["key"]}, AUDIO_FIELDS, [AUDIO_WAV],
+    lms_rec = stage("landmarks", {"frames": frames_rec["output_key"]}, LANDMARK_FIELDS, [LANDMARKS_NPZ],
+                    lambda: _landmarks(ws, timeline))
+    mat_rec = stage("matting", {"frames": frames_rec["output_key"], "landmarks": lms_rec["output_key"]}, MATTING_FIELDS,
+                    [MATTING_DIR, MATTING_PREVIEW], lambda: _matting(ws))
+    fit_rec = stage("facefit", {"frames": frames_rec["output_key"], "landmarks": lms_rec["output_key"]}, FACEFIT_FIELDS,
+                    [FACEFIT_NPZ, TRANSFORMS_JSON, TRACKING_PREVIEW], lambda: _facefit(ws, timeline, cfg))
+    audio_rec = stage("audio", {"probe": probe_rec["output_key"]}, AUDIO_FIELDS, [AUDIO_WAV],
                       lambda: _audio(ws, info, timeline, cfg))
-    feats_rec = stage("audio_features", {"audio": audio_rec["key"]}, FEATURE_FIELDS, [FEATURES_NPZ],
+    feats_rec = stage("audio_features", {"audio": audio_rec["output_key"]}, FEATURE_FIELDS, [FEATURES_NPZ],
                       lambda: _features(ws, timeline, cfg))
 
     return {
@@ -98,6 +114,9 @@ def run(ws: Workspace, video: Path, cfg: PreprocessConfig, *, force: bool = Fals
         "crop": read_json(ws.path(CROP_JSON))["box"],
         "face_fraction": detect_rec["summary"]["face_fraction"],
         "multi_face_frames": detect_rec["summary"]["multi_face_frames"],
+        "landmarks": lms_rec["summary"],
+        "matting": mat_rec["summary"],
+        "quality": fit_rec["summary"]["quality"],
         "audio": audio_rec["summary"],
         "audio_features": feats_rec["summary"],
         "frames_summary": frames_rec["summary"],
@@ -139,7 +158,7 @@ def _detect(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfi
     if cfg.crop == "auto":
         w, _ = frame_size(info, None, None, cfg.detect_max_side)
         scale = info.video.width / w
-        with progress.bar("detecting faces", n) as bar:
+        with quiet_native_stderr(), progress.bar("detecting faces", n) as bar:
             frames = iter_frames(info, cfg.fps, max_side=cfg.detect_max_side, n_frames=n)
             track = detect_faces(frames, n, scale, bar)
     else:  # manual or full-frame crop: no detection needed
@@ -185,6 +204,110 @@ def _frames(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfi
             "frame_time": timeline["frame_time"],
         })
     return {"n_frames": n, "size": cfg.size, "format": ext}
+
+
+def frame_paths(ws: Workspace) -> list[Path]:
+    meta = read_json(ws.path(FRAMES_JSON))
+    return [ws.path(FRAMES_DIR) / (meta["pattern"] % i) for i in range(meta["n_frames"])]
+
+
+def read_frames(paths: list[Path]):
+    """RGB frames from the workspace, one at a time."""
+    import cv2
+
+    for p in paths:
+        bgr = cv2.imread(str(p))
+        if bgr is None:
+            raise InputError(f"cannot read frame {p}; rerun with --force to rebuild the frames")
+        yield bgr[:, :, ::-1]
+
+
+def _landmarks(ws: Workspace, timeline: dict) -> dict:
+    from .landmarks import track
+
+    paths = frame_paths(ws)
+    with quiet_native_stderr(), progress.bar("face landmarks", len(paths)) as bar:
+        data = track(read_frames(paths), len(paths), bar).arrays()
+    n, ok = len(paths), data["ok"]
+    multi, fast = int((data["n_faces"] > 1).sum()), int(data["fast"].sum())
+    if ok.mean() < 0.5:
+        raise InputError(f"face landmarks found in only {int(ok.sum())} of {n} frames; talkcli needs the face "
+                         "visible in most frames")
+    if (~ok).sum():
+        progress.warn(f"no face landmarks in {int((~ok).sum())} of {n} frames")
+    if multi:
+        progress.warn(f"{multi} of {n} frames show more than one face; the largest is tracked")
+    if fast:
+        progress.warn(f"very fast head motion in {fast} of {n} frames (flagged in landmarks.npz 'fast')")
+    with atomic_path(ws.path(LANDMARKS_NPZ)) as tmp:
+        np.savez(tmp, backend=np.array("mediapipe"), **data)
+    return {"frames_tracked": int(ok.sum()), "frames": n, "multi_face_frames": multi, "fast_motion_frames": fast}
+
+
+def _matting(ws: Workspace) -> dict:
+    from .matting import contact_sheet, run_matting
+
+    paths = frame_paths(ws)
+    lms = np.load(ws.path(LANDMARKS_NPZ))
+    ws.path("previews").mkdir(exist_ok=True)
+    with ws.staging_dir(MATTING_DIR) as out, quiet_native_stderr(), progress.bar("matting", len(paths)) as bar:
+        summary = run_matting(paths, lms["points"], lms["ok"], out, bar)
+        with atomic_path(ws.path(MATTING_PREVIEW)) as tmp:
+            contact_sheet(paths, out, tmp)
+    return summary
+
+
+def _facefit(ws: Workspace, timeline: dict, cfg: PreprocessConfig) -> dict:
+    from .facemodel import outputs
+    from .facemodel.builtin import BuiltinFitConfig, fit_builtin
+
+    paths = frame_paths(ws)
+    lms = np.load(ws.path(LANDMARKS_NPZ))
+    points, ok = lms["points"], lms["ok"]
+    size = tuple(int(v) for v in lms["image_size"])
+    if cfg.face_model == "flame":
+        fit = _fit_flame(points, ok, size, cfg)
+    else:
+        fit_cfg = BuiltinFitConfig(max_components=cfg.expression_components, explained=cfg.expression_explained,
+                                   pose_sigma=cfg.pose_smoothing)
+        with progress.bar("face-model fit", int(ok.sum())) as bar:
+            fit = fit_builtin(points, ok, size, fit_cfg, bar)
+    angles = outputs.head_angles(fit.rotation)
+    profile = np.abs(angles[:, 0]) > outputs.PROFILE_YAW_DEG
+    train = ok & ~profile
+    if profile.any():
+        progress.warn(f"{int(profile.sum())} profile frames (|yaw| > {outputs.PROFILE_YAW_DEG:g}°) are kept out "
+                      "of training")
+    data = outputs.arrays(fit, train, angles)
+    with atomic_path(ws.path(FACEFIT_NPZ)) as tmp:
+        np.savez(tmp, **data)
+    write_json(ws.path(TRANSFORMS_JSON), outputs.transforms(fit, train, size, timeline["fps"],
+                                                            "frames/" + read_json(ws.path(FRAMES_JSON))["pattern"]))
+    ws.path("previews").mkdir(exist_ok=True)
+    tris = data["triangles"] if "triangles" in data else np.zeros((0, 3), np.int64)
+    with progress.bar("tracking preview", len(paths)) as bar:
+        outputs.write_tracking_preview(ws.path(TRACKING_PREVIEW), paths, fit, points, tris, timeline["fps"], bar)
+    q = outputs.quality(fit, points, size)
+    q["profile_frames"] = int(profile.sum())
+    j = q["jitter"]
+    progress.info(
+        f"  tracked {q['frames_tracked']}/{q['frames_total']} frames; reprojection {q['reprojection_px512_median']:.2f} px "
+        f"median, {q['reprojection_px512_p95']:.2f} px p95 (at 512²); jitter {j['rotation_deg_mean']:.3f}° / "
+        f"{j['translation_mm_mean']:.2f} mm per frame²"
+        + (f"; {q['expression_components']} expression components explain "
+           f"{100 * q['expression_variance_explained']:.1f}%" if "expression_components" in q else "")
+    )
+    return {"model": fit.model, "quality": q}
+
+
+def _fit_flame(points: np.ndarray, ok: np.ndarray, size: tuple[int, int], cfg: PreprocessConfig):
+    from .facemodel.flame import fit_flame, load_flame
+
+    pkl = Path(cfg.flame)
+    emb = Path(cfg.flame_embedding) if cfg.flame_embedding else pkl.with_name("mediapipe_landmark_embedding.npz")
+    model = load_flame(pkl, emb)
+    with progress.bar("FLAME fit", None, unit="it"):
+        return fit_flame(points, ok, size[0], model)
 
 
 def _write_image(path: Path, rgb: np.ndarray, params: list[int]) -> None:
