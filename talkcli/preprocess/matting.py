@@ -47,6 +47,7 @@ import numpy as np
 
 from ..errors import InputError, NotAvailable
 from .detect import quiet_native_stderr
+from .frameio import BackgroundWriter, prefetch, read_rgb
 
 BACKGROUND, TORSO, HEAD = 0, 1, 2
 
@@ -372,15 +373,6 @@ def background_plate(frames: np.ndarray, bg: np.ndarray, min_count: int | None =
 # --------------------------------------------------------------------------- workspace pass
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    import cv2
-
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise InputError(f"cannot read frame {path}; rerun with --force to rebuild the frames")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def _write_png(path: Path, img: np.ndarray, masks: bool = True) -> None:
     import cv2
 
@@ -417,11 +409,10 @@ def run_matting(frame_paths: Iterable[Path], points: np.ndarray, ok: np.ndarray,
     slot: dict[int, int] = {}  # frame index -> row in samples
     region_cache: tuple[int, HeadRegion] | None = None
     t_compute = 0.0
-    with Matter() as matter:
-        for i, path in enumerate(frame_paths):
+    with Matter() as matter, BackgroundWriter() as writer:
+        for i, (path, rgb) in enumerate(prefetch((p, read_rgb(Path(p))) for p in frame_paths)):
             if i >= n:
                 raise InputError(f"more frames than landmarks ({n}); rerun with --force")
-            rgb = _read_rgb(Path(path))
             tc = time.perf_counter()
             h, w = rgb.shape[:2]
             if i == 0:
@@ -445,8 +436,8 @@ def run_matting(frame_paths: Iterable[Path], points: np.ndarray, ok: np.ndarray,
                 samples[slot[i]] = rgb
                 sample_bg[slot[i]] = background_mask(alpha)
             t_compute += time.perf_counter() - tc
-            _write_png(out_dir / "alpha" / f"{i:06d}.png", a8)
-            _write_png(out_dir / "masks" / f"{i:06d}.png", labels)
+            writer.submit(_write_png, out_dir / "alpha" / f"{i:06d}.png", a8)
+            writer.submit(_write_png, out_dir / "masks" / f"{i:06d}.png", labels)
             area = float(h * w)
             person_sum += np.count_nonzero(labels) / area
             head_sum += np.count_nonzero(labels == HEAD) / area
@@ -521,7 +512,7 @@ def contact_sheet(frame_paths: Iterable[Path], out_dir: Path, path: Path, n_rows
 
     rows = []
     for i in idx:
-        rgb = _read_rgb(paths[i])
+        rgb = read_rgb(paths[i])
         alpha = cv2.imread(str(out_dir / "alpha" / f"{i:06d}.png"), cv2.IMREAD_GRAYSCALE)
         labels = cv2.imread(str(out_dir / "masks" / f"{i:06d}.png"), cv2.IMREAD_GRAYSCALE)
         if alpha is None or labels is None:

@@ -13,8 +13,6 @@ scipy) are imported inside the stages that use them, so checking an up-to-date w
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from ..media.probe import AudioInfo, MediaInfo, VideoInfo, duration_str, probe
 from ..workspace import (Workspace, atomic_path, fingerprint_key, read_json, run_stage, source_fingerprint,
                          write_json)
 from .detect import quiet_native_stderr
+from .frameio import BackgroundWriter, read_frames
 
 # Bump when a stage's algorithm changes in a way that changes its outputs: its key changes, so
 # existing workspaces redo it and everything downstream.
@@ -185,19 +184,12 @@ def _frames(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfi
     n = timeline["n_frames"]
     ext = cfg.frame_format
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if ext == "png" else [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
-    # Image encoding (cv2 releases the GIL) overlaps with decoding in ffmpeg; a bounded number of
-    # frames in flight keeps memory flat however long the video is.
-    with ws.staging_dir(FRAMES_DIR) as out, progress.bar("writing frames", n) as bar, \
-            ThreadPoolExecutor(max_workers=2) as pool:
-        pending: deque = deque()
-        for i, rgb in enumerate(iter_frames(info, cfg.fps, crop=crop, size=cfg.size, n_frames=n)):
-            pending.append(pool.submit(_write_image, out / f"{i:06d}.{ext}", rgb, params))
-            while len(pending) > 8 or (pending and pending[0].done()):
-                pending.popleft().result()
+    # Image encoding overlaps with decoding in ffmpeg (see frameio.BackgroundWriter).
+    with ws.staging_dir(FRAMES_DIR) as out, progress.bar("writing frames", n) as bar:
+        with BackgroundWriter() as writer:
+            for i, rgb in enumerate(iter_frames(info, cfg.fps, crop=crop, size=cfg.size, n_frames=n)):
+                writer.submit(_write_image, out / f"{i:06d}.{ext}", rgb, params)  # at most 8 behind
                 bar.advance()
-        while pending:
-            pending.popleft().result()
-            bar.advance()
         write_json(out / "frames.json", {
             "n_frames": n, "fps": timeline["fps"], "width": cfg.size, "height": cfg.size, "format": ext,
             "pattern": f"%06d.{ext}", "crop_box": crop.as_list(),
@@ -209,17 +201,6 @@ def _frames(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfi
 def frame_paths(ws: Workspace) -> list[Path]:
     meta = read_json(ws.path(FRAMES_JSON))
     return [ws.path(FRAMES_DIR) / (meta["pattern"] % i) for i in range(meta["n_frames"])]
-
-
-def read_frames(paths: list[Path]):
-    """RGB frames from the workspace, one at a time."""
-    import cv2
-
-    for p in paths:
-        bgr = cv2.imread(str(p))
-        if bgr is None:
-            raise InputError(f"cannot read frame {p}; rerun with --force to rebuild the frames")
-        yield bgr[:, :, ::-1]
 
 
 def _landmarks(ws: Workspace, timeline: dict) -> dict:

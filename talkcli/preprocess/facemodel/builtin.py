@@ -162,7 +162,7 @@ def fit_builtin(points: np.ndarray, ok: np.ndarray, image_size: tuple[int, int],
     def model_points(c: np.ndarray) -> np.ndarray:
         return neutral + np.tensordot(c, basis, axes=1)
 
-    subset = np.linspace(0, len(idx) - 1, min(len(idx), 24)).astype(int)
+    subset = np.linspace(0, len(idx) - 1, min(len(idx), 16)).astype(int)
 
     def solve(j: int, focal: float, guess=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Pose and expression of frame j against its 2D landmarks: PnP, then Gauss-Newton on
@@ -179,16 +179,23 @@ def fit_builtin(points: np.ndarray, ok: np.ndarray, image_size: tuple[int, int],
         return float(np.median(np.concatenate([solve(j, focal)[3] for j in subset])))
 
     lo, hi = np.log(cfg.focal_search[0] * w), np.log(cfg.focal_search[1] * w)
-    grid = np.linspace(lo, hi, 12)
+    grid = np.linspace(lo, hi, 8)
     errs = [median_error(np.exp(g)) for g in grid]
     best = int(np.argmin(errs))
     a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    for _ in range(12):  # golden-section refinement around the best grid point
-        m1, m2 = a + 0.382 * (b - a), a + 0.618 * (b - a)
-        if median_error(np.exp(m1)) < median_error(np.exp(m2)):
-            b = m2
+    # golden-section refinement around the best grid point, one new evaluation per step
+    g = (np.sqrt(5) - 1) / 2
+    m1, m2 = b - g * (b - a), a + g * (b - a)
+    e1, e2 = median_error(np.exp(m1)), median_error(np.exp(m2))
+    for _ in range(8):
+        if e1 < e2:
+            b, m2, e2 = m2, m1, e1
+            m1 = b - g * (b - a)
+            e1 = median_error(np.exp(m1))
         else:
-            a = m1
+            a, m1, e1 = m1, m2, e2
+            m2 = a + g * (b - a)
+            e2 = median_error(np.exp(m2))
     focal = float(np.exp((a + b) / 2))
 
     rvecs = np.zeros((len(idx), 3))
