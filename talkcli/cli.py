@@ -94,6 +94,8 @@ def preprocess(
     audio_model: Optional[Path] = typer.Option(None, "--audio-model", help="HuBERT / wav2vec2 model directory."),
     min_face_fraction: float = typer.Option(0.5, "--min-face-fraction",
                                             help="Fail when fewer frames than this show a face."),
+    face_model: str = typer.Option("builtin", "--face-model",
+                                   help="builtin, or flame (from --flame, or the configured models directory)."),
     flame: Optional[Path] = typer.Option(None, "--flame", help="FLAME generic_model.pkl: fit FLAME instead of "
                                          "the built-in face model (mediapipe_landmark_embedding.npz beside it)."),
     flame_embedding: Optional[Path] = typer.Option(None, "--flame-embedding",
@@ -109,11 +111,15 @@ def preprocess(
         from .preprocess import pipeline
         from .workspace import Workspace
 
+        if face_model == "flame" and flame is None:
+            from .models import require
+
+            flame = require("flame") / "generic_model.pkl"
         cfg = PreprocessConfig(fps=fps, size=size, crop=crop, frame_format=frame_format,
                                audio_features=audio_features,
                                audio_model=str(audio_model) if audio_model else None,
                                min_face_fraction=min_face_fraction,
-                               face_model="flame" if flame else "builtin",
+                               face_model="flame" if flame else face_model,
                                flame=str(flame.resolve()) if flame else None,
                                flame_embedding=str(flame_embedding.resolve()) if flame_embedding else None,
                                expression_components=expression_components).validate()

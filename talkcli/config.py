@@ -63,13 +63,27 @@ class PreprocessConfig:
             raise NotAvailable(f"--landmarks {self.landmarks} is not available in this version yet; use mediapipe")
         if self.face_model not in ("builtin", "flame"):
             raise UsageError("--face-model must be builtin or flame")
-        if self.face_model == "flame" and not self.flame:
-            raise UsageError("--face-model flame needs --flame PATH/generic_model.pkl")
+        if self.face_model == "flame":
+            self._check_flame_files()
         if not 1 <= self.expression_components <= 128:
             raise UsageError("--expression-components must be between 1 and 128")
         if self.audio_model is not None and not Path(self.audio_model).exists():
             raise UsageError(f"--audio-model {self.audio_model}: no such file or directory")
         return self
+
+    def _check_flame_files(self) -> None:
+        """Fail before any work when the FLAME files are not where they were said to be."""
+        from .errors import MissingModel
+
+        if not self.flame:
+            raise UsageError("the FLAME face model needs --flame PATH/generic_model.pkl")
+        pkl = Path(self.flame)
+        emb = Path(self.flame_embedding) if self.flame_embedding else pkl.with_name("mediapipe_landmark_embedding.npz")
+        for path, what in ((pkl, "the FLAME model (generic_model.pkl, from https://flame.is.tue.mpg.de)"),
+                           (emb, "FLAME's mediapipe landmark embedding (mediapipe_landmark_embedding.npz)")):
+            if not path.is_file():
+                raise MissingModel(f"{path} not found: put {what} there, or pass its path "
+                                   f"({'--flame' if path == pkl else '--flame-embedding'})")
 
     def fields(self, *names: str) -> dict:
         return {n: getattr(self, n) for n in names}
