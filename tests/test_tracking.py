@@ -179,3 +179,25 @@ def test_removing_landmarks_redoes_them_and_the_fit(full, tmp_path):
     summary = json.loads(talk("preprocess", CLIP, "-w", copy, "--json", check=True).stdout)
     ran = {k for k, v in summary["stages"].items() if not v["skipped"]}
     assert ran == {"landmarks", "matting", "facefit"}
+
+
+def test_fast_motion_and_profile_flags(full):
+    """Hard cases on real landmarks: a sudden jump of the head, and a head turned to profile."""
+    from scipy.spatial.transform import Rotation
+
+    from talkcli.preprocess.facemodel.outputs import PROFILE_YAW_DEG, head_angles
+    from talkcli.preprocess.landmarks import motion_flags
+
+    ws, _ = full
+    lm = np.load(ws / "landmarks.npz")
+    pts, ok = lm["points"].copy(), lm["ok"]
+    assert not lm["fast"].any()  # the real clip moves smoothly
+    face = np.ptp(pts[50, :468, 0])
+    pts[50:, :, 0] += 0.3 * face  # the head jumps sideways by 30% of its width between 49 and 50
+    _, fast = motion_flags(pts, ok)
+    assert fast[50] and fast.sum() == 1
+    yaw = np.array([0.0, 30.0, 60.0, -70.0])
+    r = Rotation.from_euler("y", yaw[:, None], degrees=True).as_matrix()
+    angles = head_angles(r)
+    assert np.allclose(np.abs(angles[:, 0]), np.abs(yaw), atol=1e-4)
+    assert list(np.abs(angles[:, 0]) > PROFILE_YAW_DEG) == [False, False, True, True]
