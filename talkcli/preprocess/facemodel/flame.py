@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -514,7 +515,9 @@ HEAD_RADIUS = 0.1  # metres: turns angle changes into displacements, to weigh th
 @dataclasses.dataclass(frozen=True)
 class FlameFitWeights:
     """Prior and smoothness weights, relative to the data term (the per-frame mean of squared
-    landmark errors in pixels), per squared coefficient or squared radian.
+    landmark errors in pixels), per squared coefficient or squared radian, per frame. The shape
+    prior too is divided by the number of frames: each frame is more evidence about the one
+    identity, so a long sequence may pull the shape further from the mean than one frame can.
 
     Neck and global rotation move the face landmarks the same way up to the pivot, which the
     translation absorbs; the strong neck prior puts the head's rotation into the global pose.
@@ -564,6 +567,7 @@ def _initial_poses(obj: np.ndarray, pts: np.ndarray, seen: np.ndarray, focal: fl
 
 
 _POSE_KEYS = (("rvec", 3), ("pix", 2), ("log_zeta", 1), ("jaw", 3), ("neck", 3))  # per frame, before expr
+_N_POSE = sum(width for _, width in _POSE_KEYS)
 _FLIP = torch.tensor([1.0, -1.0, -1.0])  # FLAME_TO_HEAD as a per-axis factor
 
 
@@ -648,7 +652,7 @@ class _SequenceFit:
     def regularisers(self, p: dict) -> torch.Tensor:
         w, m = self.w, len(self.pts)
         sq = lambda k: (p[k] ** 2).sum()  # noqa: E731
-        priors = w.shape * sq("shape") + (w.expr * sq("expr") + w.jaw * sq("jaw") + w.neck * sq("neck")) / m
+        priors = (w.shape * sq("shape") + w.expr * sq("expr") + w.jaw * sq("jaw") + w.neck * sq("neck")) / m
         return priors + w.smooth * self.smoothness(p)
 
     def loss(self, p: dict) -> torch.Tensor:
@@ -685,7 +689,7 @@ class _SequenceFit:
             c[:, [0, 1, 2, 5, 6, 7, 8, 9, 10, 11]] *= self._lever(p) ** 2  # angles and log depth
             couple[self.pair, :12] = -c
             per_frame[:, :12].index_add_(0, self.pair, c).index_add_(0, self.pair + 1, c)
-        shared = torch.full((len(p["shape"]) + int(self.fit_focal),), 2 * w.shape)
+        shared = torch.full((len(p["shape"]) + int(self.fit_focal),), 2 * w.shape / m)
         if self.fit_focal:
             shared[-1] = 0.0
         return per_frame, shared, couple
@@ -704,7 +708,9 @@ class _SequenceFit:
         copies = {k: p[k][idx].repeat(len(dirs), 1) for k in ("rvec", "pix", "log_zeta", "jaw", "neck", "expr")}
         copies["log_f"] = p["log_f"].expand(c * len(dirs), 1)
         copies["shape"] = p["shape"]
-        with fwad.dual_level():
+        with warnings.catch_warnings(), fwad.dual_level():
+            # torch's forward-mode set-up scripts helpers with the deprecated torch.jit.script
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
             dual = dict(copies)
             for key, width in keys:
                 tangent = torch.zeros(c * len(dirs), width)
@@ -756,15 +762,16 @@ class _SequenceFit:
                 weight = self._rho((resid ** 2).sum(-1))[1] * self.seen[idx] / self.n_seen[idx, None] / m
                 j_pose = self._pose_jacobian(p, idx)
                 j_coef = self._coeff_jacobian(p, idx)
-            local = torch.cat([j_pose[..., :12], j_coef[..., n_shape:]], dim=-1).flatten(1, 2).double()
-            shared = torch.cat([j_coef[..., :n_shape], j_pose[..., 12:]], dim=-1).flatten(1, 2).double()
-            w2 = (2 * weight).repeat_interleave(2, dim=1).double()[..., None]  # (C, 2K, 1)
-            r = resid.flatten(1).double()[..., None]
-            h_ff.append(local.transpose(1, 2) @ (w2 * local))
-            h_fg.append(local.transpose(1, 2) @ (w2 * shared))
-            g_f.append((local.transpose(1, 2) @ (w2 * r))[..., 0])
-            h_gg = h_gg + (shared.transpose(1, 2) @ (w2 * shared)).sum(0)
-            g_g = g_g + (shared.transpose(1, 2) @ (w2 * r))[..., 0].sum(0)
+            # products in float32 (the Jacobians are float32 anyway), sums and solves in float64
+            local = torch.cat([j_pose[..., :_N_POSE], j_coef[..., n_shape:]], dim=-1).flatten(1, 2)
+            shared = torch.cat([j_coef[..., :n_shape], j_pose[..., _N_POSE:]], dim=-1).flatten(1, 2)
+            w2 = (2 * weight).repeat_interleave(2, dim=1)[..., None]  # (C, 2K, 1)
+            local_t, shared_w = local.transpose(1, 2), w2 * shared
+            h_ff.append((local_t @ (w2 * local)).double())
+            h_fg.append((local_t @ shared_w).double())
+            g_f.append((local_t @ (w2 * resid.flatten(1)[..., None]))[..., 0].double())
+            h_gg = h_gg + (shared.transpose(1, 2) @ shared_w).double().sum(0)
+            g_g = g_g + (shared_w.transpose(1, 2) @ resid.flatten(1)[..., None])[..., 0].double().sum(0)
         eq = {"h_ff": torch.cat(h_ff), "h_fg": torch.cat(h_fg), "g_f": torch.cat(g_f), "h_gg": h_gg, "g_g": g_g}
         # priors and smoothness: exact gradient, diagonal curvature
         leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
@@ -776,12 +783,13 @@ class _SequenceFit:
         eq["h_ff"] += torch.diag_embed(per_frame.double())
         eq["couple"] = couple.double()
         eq["h_gg"] = eq["h_gg"] + torch.diag(shared_c.double())
+        eq["rhs"] = torch.cat([eq["g_f"][..., None], eq["h_fg"]], dim=2)  # what the frames' solve takes
         return eq
 
     @staticmethod
     def _solve_chain(blocks: torch.Tensor, couple: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
-        """Solve the block-tridiagonal system (diagonal blocks (M, P, P), the block between frames
-        i and i+1 the diagonal matrix ``couple[i]``) for rhs (M, P, R) by block elimination along
+        """Solve the block-tridiagonal system (diagonal blocks (M, n, n), the block between frames
+        i and i+1 the diagonal matrix ``couple[i]``) for rhs (M, n, R) by block elimination along
         the sequence (Thomas algorithm); None if a block is not positive definite."""
         if not couple.any():  # nothing couples the frames: all blocks at once
             chol, info = torch.linalg.cholesky_ex(blocks)
@@ -803,12 +811,30 @@ class _SequenceFit:
             out.append(torch.cholesky_solve(reduced[i] - couple[i][:, None] * out[-1], chols[i]))
         return torch.stack(out[::-1])
 
+    @classmethod
+    def _solve_frames(cls, blocks: torch.Tensor, couple: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
+        """Solve the frames' system (blocks (M, P, P), smoothness coupling (M-1, P), rhs (M, P, R)).
+        Smoothness couples only the 12 pose parameters, so each frame's expression is eliminated
+        first (all frames at once) and the sequential elimination runs on 12 x 12 blocks."""
+        n = _N_POSE
+        if blocks.shape[1] == n:
+            return cls._solve_chain(blocks, couple, rhs)
+        a, b, d = blocks[:, :n, :n], blocks[:, :n, n:], blocks[:, n:, n:]
+        chol_d, info = torch.linalg.cholesky_ex(d)
+        if info.any():
+            return None
+        d_inv = torch.cholesky_solve(torch.cat([b.transpose(1, 2), rhs[:, n:]], dim=2), chol_d)  # D^-1 [B^T R_d]
+        x_pose = cls._solve_chain(a - b @ d_inv[..., :n], couple[:, :n], rhs[:, :n] - b @ d_inv[..., n:])
+        if x_pose is None:
+            return None
+        return torch.cat([x_pose, d_inv[..., n:] - d_inv[..., :n] @ x_pose], dim=1)
+
     def _step(self, eq: dict, lam: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Damped Gauss-Newton step (local (M, P), shared (G,)): the frames' blocks are
         eliminated, the shared part solved from what remains (Schur complement); None if the
         system is not positive definite at this damping."""
         damp = lambda h: h + lam * torch.diag_embed(h.diagonal(dim1=-2, dim2=-1) + 1e-9)  # noqa: E731
-        both = self._solve_chain(damp(eq["h_ff"]), eq["couple"], torch.cat([eq["g_f"][..., None], eq["h_fg"]], 2))
+        both = self._solve_frames(damp(eq["h_ff"]), eq["couple"], eq["rhs"])
         if both is None:
             return None
         y, x = both[..., 0], both[..., 1:]  # T^-1 g_f, T^-1 H_fg
@@ -892,13 +918,17 @@ def _fill_rotations(rvecs: np.ndarray, frames: np.ndarray, n: int) -> np.ndarray
 
 
 def fit_flame(lms478: np.ndarray, ok: np.ndarray, image_size: int, model: FlameModel, *,
-              focal: float | None = None, iters: int = 30, n_shape: int | None = None,
+              focal: float | None = None, iters: int = 30, n_shape: int | None = 100,
               n_expr: int | None = None, weights: FlameFitWeights | None = None) -> FaceFit:
-    """Fit FLAME to MediaPipe landmarks (pixels) of a whole sequence at once.
+    """Fit FLAME to MediaPipe landmarks (pixels, (N, 478, 2 or 3)) of a whole sequence at once.
 
-    Shared: identity shape and (unless given) focal; per frame: expression, jaw, neck, head
-    rotation and translation. The principal point is the image centre. Frames with ``ok`` False
-    (or too few finite landmarks) are interpolated from their neighbours and stay not ok.
+    Shared: identity shape and (unless given) focal, which starts at 1.5 x image size; per
+    frame: expression, jaw, neck, head rotation and translation. The principal point is the
+    image centre. Frames with ``ok`` False (or too few finite landmarks) are interpolated from
+    their neighbours and stay not ok. ``iters`` caps the Levenberg-Marquardt iterations (it
+    usually converges in 5-15). ``n_shape`` / ``n_expr`` limit the components fitted (None: all the
+    model holds); 100 identity components are the usual choice, as 105 landmarks do not
+    determine more. Cost: about 40 ms and 0.6 MB per frame and iteration at 100 + 100 components.
     """
     weights = weights or FlameFitWeights()
     pts, seen, used = _observations(lms478, ok, model)
