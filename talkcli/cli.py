@@ -94,6 +94,11 @@ def preprocess(
     audio_model: Optional[Path] = typer.Option(None, "--audio-model", help="HuBERT / wav2vec2 model directory."),
     min_face_fraction: float = typer.Option(0.5, "--min-face-fraction",
                                             help="Fail when fewer frames than this show a face."),
+    landmarks: str = typer.Option("mediapipe", "--landmarks",
+                                  help="Who gives the iBUG 68 points: mediapipe, or face-alignment (FAN weights "
+                                       "from --landmarks-model or the configured models directory)."),
+    landmarks_model: Optional[Path] = typer.Option(None, "--landmarks-model",
+                                                   help="FAN 2DFAN4-*.zip, or the directory that holds it."),
     face_model: str = typer.Option("builtin", "--face-model",
                                    help="builtin, or flame (from --flame, or the configured models directory)."),
     flame: Optional[Path] = typer.Option(None, "--flame", help="FLAME generic_model.pkl: fit FLAME instead of "
@@ -111,6 +116,10 @@ def preprocess(
         from .preprocess import pipeline
         from .workspace import Workspace
 
+        if landmarks == "face-alignment":
+            from .preprocess.fan import find_fan
+
+            landmarks_model = find_fan(landmarks_model)  # MissingModel (exit 5) before any work
         if face_model == "flame" and flame is None:
             from .models import require
 
@@ -122,7 +131,9 @@ def preprocess(
                                face_model="flame" if flame else face_model,
                                flame=str(flame.resolve()) if flame else None,
                                flame_embedding=str(flame_embedding.resolve()) if flame_embedding else None,
-                               expression_components=expression_components).validate()
+                               expression_components=expression_components,
+                               landmarks=landmarks,
+                               landmarks_model=str(landmarks_model) if landmarks_model else None).validate()
         ws = Workspace(workspace or pipeline.default_workspace(video))
         created = not ws.root.exists()
         try:

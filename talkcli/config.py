@@ -35,7 +35,8 @@ class PreprocessConfig:
     mel_window_s: float = 0.025
     mel_fmin: float = 55.0
     mel_fmax: float = 7600.0
-    landmarks: str = "mediapipe"  # landmark backend
+    landmarks: str = "mediapipe"  # who gives the iBUG 68 points: mediapipe, or face-alignment (FAN)
+    landmarks_model: str | None = None  # FAN checkpoint (2DFAN4-*.zip) or the directory holding it
     face_model: str = "builtin"  # builtin, or flame when --flame is given
     flame: str | None = None  # FLAME generic_model.pkl
     flame_embedding: str | None = None  # mediapipe_landmark_embedding.npz (default: beside the pkl)
@@ -59,8 +60,8 @@ class PreprocessConfig:
             raise UsageError("--min-face-fraction must be between 0 and 1")
         if self.crop not in ("auto", "full"):
             parse_crop(self.crop)
-        if self.landmarks != "mediapipe":
-            raise NotAvailable(f"--landmarks {self.landmarks} is not available in this version yet; use mediapipe")
+        if self.landmarks not in ("mediapipe", "face-alignment"):
+            raise UsageError("--landmarks must be mediapipe or face-alignment")
         if self.face_model not in ("builtin", "flame"):
             raise UsageError("--face-model must be builtin or flame")
         if self.face_model == "flame":
@@ -97,7 +98,7 @@ PROBE_FIELDS = ("fps",)
 DETECT_FIELDS = ("crop", "crop_scale", "crop_shift", "detect_max_side", "min_face_fraction")
 FRAMES_FIELDS = ("size", "frame_format", "jpeg_quality")
 AUDIO_FIELDS = ("sample_rate",)
-LANDMARK_FIELDS = ("landmarks",)
+LANDMARK_FIELDS = ("landmarks", "landmarks_model")
 MATTING_FIELDS: tuple[str, ...] = ()
 FACEFIT_FIELDS = ("face_model", "flame", "flame_embedding", "expression_components", "expression_explained",
                   "pose_smoothing")

@@ -6,7 +6,9 @@ counted. ``landmarks.npz``:
 
     points      (N, 478, 3) float32  x, y in pixels of the workspace frames; z in the same pixel
                                      scale, relative to the face centre, smaller = nearer
-    ibug68      (N, 68, 3) float32   the iBUG 68-point subset (``ibug68_index`` into the 478)
+    ibug68      (N, 68, 3) float32   the iBUG 68-point subset (``ibug68_index`` into the 478); with
+                                     --landmarks face-alignment, x and y come from FAN
+    ibug68_backend  str              mediapipe or face-alignment
     ok          (N,) bool            a face was tracked in the frame (points are NaN otherwise)
     visible     (N, 478) bool        the vertex has a face towards the camera (self-occlusion)
     n_faces     (N,) int16           faces the mesh found
@@ -35,6 +37,7 @@ class LandmarkTrack:
     ok: np.ndarray
     n_faces: np.ndarray
     image_size: tuple[int, int]
+    ibug68_xy: np.ndarray | None = None  # (N, 68, 2) from the face-alignment backend, when used
 
     def arrays(self) -> dict[str, np.ndarray]:
         pts = self.points
@@ -44,9 +47,13 @@ class LandmarkTrack:
             for i in np.flatnonzero(self.ok):
                 visible[i] = visible_vertices(pts[i], tris)
         motion, fast = motion_flags(pts, self.ok)
+        ibug68 = pts[:, IBUG68].copy()
+        if self.ibug68_xy is not None:  # FAN's 2D points, mediapipe's depth for the same landmarks
+            ibug68[..., :2] = self.ibug68_xy
         return {
             "points": pts,
-            "ibug68": pts[:, IBUG68],
+            "ibug68": ibug68,
+            "ibug68_backend": np.array("face-alignment" if self.ibug68_xy is not None else "mediapipe"),
             "ibug68_index": IBUG68,
             "ok": self.ok,
             "visible": visible,
@@ -97,9 +104,11 @@ class FaceMesh:
         self._mesh.close()
 
 
-def track(frames: Iterable[np.ndarray], n: int, progress=None) -> LandmarkTrack:
+def track(frames: Iterable[np.ndarray], n: int, progress=None, ibug68_model=None) -> LandmarkTrack:
+    """Track every frame; ``ibug68_model(rgb, points478) -> (68, 2)`` optionally gives the 68 subset."""
     points = np.full((n, N_LANDMARKS, 3), np.nan, np.float32)
     counts = np.zeros(n, np.int16)
+    ibug = np.full((n, 68, 2), np.nan, np.float32) if ibug68_model is not None else None
     size = (0, 0)
     mesh = FaceMesh()
     try:
@@ -108,8 +117,10 @@ def track(frames: Iterable[np.ndarray], n: int, progress=None) -> LandmarkTrack:
             p, counts[i] = mesh(rgb)
             if p is not None:
                 points[i] = p
+                if ibug is not None:
+                    ibug[i] = ibug68_model(rgb, p)
             if progress is not None:
                 progress.advance()
     finally:
         mesh.close()
-    return LandmarkTrack(points, ~np.isnan(points[:, 0, 0]), counts, size)
+    return LandmarkTrack(points, ~np.isnan(points[:, 0, 0]), counts, size, ibug)

@@ -94,7 +94,7 @@ def run(ws: Workspace, video: Path, cfg: PreprocessConfig, *, force: bool = Fals
     frames_rec = stage("frames", {"detect": detect_rec["output_key"]}, FRAMES_FIELDS, [FRAMES_DIR],
                        lambda: _frames(ws, info, timeline, cfg))
     lms_rec = stage("landmarks", {"frames": frames_rec["output_key"]}, LANDMARK_FIELDS, [LANDMARKS_NPZ],
-                    lambda: _landmarks(ws, timeline))
+                    lambda: _landmarks(ws, timeline, cfg))
     mat_rec = stage("matting", {"frames": frames_rec["output_key"], "landmarks": lms_rec["output_key"]}, MATTING_FIELDS,
                     [MATTING_DIR, MATTING_PREVIEW], lambda: _matting(ws))
     fit_rec = stage("facefit", {"frames": frames_rec["output_key"], "landmarks": lms_rec["output_key"]}, FACEFIT_FIELDS,
@@ -203,12 +203,17 @@ def frame_paths(ws: Workspace) -> list[Path]:
     return [ws.path(FRAMES_DIR) / (meta["pattern"] % i) for i in range(meta["n_frames"])]
 
 
-def _landmarks(ws: Workspace, timeline: dict) -> dict:
+def _landmarks(ws: Workspace, timeline: dict, cfg: PreprocessConfig) -> dict:
     from .landmarks import track
 
+    fan = None
+    if cfg.landmarks == "face-alignment":
+        from .fan import FanLandmarks
+
+        fan = FanLandmarks(cfg.landmarks_model)
     paths = frame_paths(ws)
     with quiet_native_stderr(), progress.bar("face landmarks", len(paths)) as bar:
-        data = track(read_frames(paths), len(paths), bar).arrays()
+        data = track(read_frames(paths), len(paths), bar, fan).arrays()
     n, ok = len(paths), data["ok"]
     multi, fast = int((data["n_faces"] > 1).sum()), int(data["fast"].sum())
     if ok.mean() < 0.5:
