@@ -452,7 +452,7 @@ def enospc_in_process(monkeypatch, capsys):
     from talkcli import cli, progress
     from talkcli.preprocess import pipeline
 
-    real_write = pipeline._write_image
+    real_write = pipeline.write_image
     monkeypatch.setitem(cli._state, "debug", False)
     monkeypatch.setattr(progress, "_quiet", progress._quiet)  # restored afterwards
 
@@ -469,7 +469,7 @@ def enospc_in_process(monkeypatch, capsys):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             real_write(path, rgb, params)
 
-        monkeypatch.setattr(pipeline, "_write_image", write_image)
+        monkeypatch.setattr(pipeline, "write_image", write_image)
         argv = ["--quiet", "preprocess", str(video), "-w", str(ws), *options]
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:

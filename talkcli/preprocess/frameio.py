@@ -31,6 +31,19 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def write_image(path: Path, img: np.ndarray, params: list[int] | None = None) -> None:
+    """Encode in memory (format from the suffix; ``img`` as cv2 stores it: BGR or grey) and write
+    with Python, so that a full disk or a read-only directory raises OSError (cv2.imwrite would
+    print libpng errors and return False)."""
+    import cv2
+
+    ok, data = cv2.imencode(Path(path).suffix, img, params or [])
+    if not ok:
+        raise InputError(f"could not encode {Path(path).name}")
+    with open(path, "wb") as fh:
+        fh.write(data.tobytes())
+
+
 def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
     """Produce ``items`` in a background thread, at most ``depth`` ahead of the consumer."""
     q: queue.Queue = queue.Queue(maxsize=depth)

@@ -47,7 +47,7 @@ import numpy as np
 
 from ..errors import InputError, NotAvailable
 from .detect import quiet_native_stderr
-from .frameio import BackgroundWriter, prefetch, read_rgb
+from .frameio import BackgroundWriter, prefetch, read_rgb, write_image
 
 BACKGROUND, TORSO, HEAD = 0, 1, 2
 
@@ -378,10 +378,7 @@ def _write_png(path: Path, img: np.ndarray, masks: bool = True) -> None:
 
     # masks and alpha are mostly flat: run-length deflate is both the fastest and the smallest
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE] if masks else []
-    ok, buf = cv2.imencode(".png", img, params)
-    if not ok:
-        raise ValueError(f"cannot encode {path.name} as PNG")
-    Path(path).write_bytes(buf.tobytes())  # a full disk or a read-only directory raise OSError here
+    write_image(Path(path), img, params)
 
 
 def run_matting(frame_paths: Iterable[Path], points: np.ndarray, ok: np.ndarray, out_dir: Path,

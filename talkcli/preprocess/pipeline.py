@@ -26,7 +26,7 @@ from ..media.probe import AudioInfo, MediaInfo, VideoInfo, duration_str, probe
 from ..workspace import (Workspace, atomic_path, fingerprint_key, read_json, run_stage, source_fingerprint,
                          write_json)
 from .detect import quiet_native_stderr
-from .frameio import BackgroundWriter, read_frames
+from .frameio import BackgroundWriter, read_frames, write_image
 
 # Bump when a stage's algorithm changes in a way that changes its outputs: its key changes, so
 # existing workspaces redo it and everything downstream.
@@ -188,7 +188,8 @@ def _frames(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfi
     with ws.staging_dir(FRAMES_DIR) as out, progress.bar("writing frames", n) as bar:
         with BackgroundWriter() as writer:
             for i, rgb in enumerate(iter_frames(info, cfg.fps, crop=crop, size=cfg.size, n_frames=n)):
-                writer.submit(_write_image, out / f"{i:06d}.{ext}", rgb, params)  # at most 8 behind
+                bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+                writer.submit(write_image, out / f"{i:06d}.{ext}", bgr, params)  # at most 8 behind
                 bar.advance()
         write_json(out / "frames.json", {
             "n_frames": n, "fps": timeline["fps"], "width": cfg.size, "height": cfg.size, "format": ext,
@@ -294,18 +295,6 @@ def _fit_flame(points: np.ndarray, ok: np.ndarray, size: tuple[int, int], cfg: P
     model = load_flame(pkl, emb)
     with progress.bar("FLAME fit", None, unit="it"):
         return fit_flame(points, ok, size[0], model)
-
-
-def _write_image(path: Path, rgb: np.ndarray, params: list[int]) -> None:
-    """Encode in memory, write with Python: a full disk raises ENOSPC (cv2.imwrite would print
-    libpng errors and return False)."""
-    import cv2
-
-    ok, data = cv2.imencode(path.suffix, np.ascontiguousarray(rgb[:, :, ::-1]), params)
-    if not ok:
-        raise InputError(f"could not encode frame {path.name}")
-    with open(path, "wb") as fh:
-        fh.write(data.tobytes())
 
 
 def _audio(ws: Workspace, info: MediaInfo, timeline: dict, cfg: PreprocessConfig) -> dict:

@@ -40,14 +40,8 @@ _ROOT_PARENT = 4294967295  # kintree_table's "no parent" (uint32 -1)
 # Restricted unpickling
 
 
-class _ChumpyStandIn:
-    """Takes the place of any chumpy class: keeps the pickled state, runs nothing.
-
-    chumpy pickles ``__dict__`` minus its weak references, so a plain ``Ch`` carries its value
-    under ``'x'``; derived objects (``Select``, ``Reshape``, ...) carry their operands instead.
-    """
-
-    pickled_class = "chumpy.ch.Ch"
+class _StateCapture:
+    """An inert object that only records the state a pickle gives it."""
 
     def __new__(cls, *args, **kwargs):  # NEWOBJ passes the class only; REDUCE may pass anything
         return super().__new__(cls)
@@ -57,6 +51,16 @@ class _ChumpyStandIn:
 
     def __setstate__(self, state):
         self.state = state
+
+
+class _ChumpyStandIn(_StateCapture):
+    """Takes the place of any chumpy class: keeps the pickled state, runs nothing.
+
+    chumpy pickles ``__dict__`` minus its weak references, so a plain ``Ch`` carries its value
+    under ``'x'``; derived objects (``Select``, ``Reshape``, ...) carry their operands instead.
+    """
+
+    pickled_class = "chumpy.ch.Ch"
 
     def to_array(self) -> np.ndarray:
         state = self.state
@@ -86,20 +90,11 @@ class _ChumpyStandIn:
         raise ValueError(f"{self.pickled_class} is a chumpy expression that talkcli cannot evaluate")
 
 
-class _SparseStandIn:
+class _SparseStandIn(_StateCapture):
     """Takes the place of a scipy CSC/CSR matrix: old and new scipy pickle the same three arrays
     under different module paths and attribute names, so rebuild the matrix from them."""
 
     sparse_format = "csc"
-
-    def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.state = None
-
-    def __setstate__(self, state):
-        self.state = state
 
     def to_array(self) -> np.ndarray:
         import scipy.sparse as sp
