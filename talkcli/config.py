@@ -72,14 +72,19 @@ class PreprocessConfig:
             raise UsageError(f"--audio-model {self.audio_model}: no such file or directory")
         return self
 
+    def flame_files(self) -> tuple[Path, Path]:
+        """The FLAME model and its mediapipe embedding (by default beside the model)."""
+        pkl = Path(self.flame or "")
+        emb = Path(self.flame_embedding) if self.flame_embedding else pkl.with_name("mediapipe_landmark_embedding.npz")
+        return pkl, emb
+
     def _check_flame_files(self) -> None:
         """Fail before any work when the FLAME files are not where they were said to be."""
         from .errors import MissingModel
 
         if not self.flame:
             raise UsageError("the FLAME face model needs --flame PATH/generic_model.pkl")
-        pkl = Path(self.flame)
-        emb = Path(self.flame_embedding) if self.flame_embedding else pkl.with_name("mediapipe_landmark_embedding.npz")
+        pkl, emb = self.flame_files()
         for path, what in ((pkl, "the FLAME model (generic_model.pkl, from https://flame.is.tue.mpg.de)"),
                            (emb, "FLAME's mediapipe landmark embedding (mediapipe_landmark_embedding.npz)")):
             if not path.is_file():

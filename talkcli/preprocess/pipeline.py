@@ -204,6 +204,10 @@ def frame_paths(ws: Workspace) -> list[Path]:
     return [ws.path(FRAMES_DIR) / (meta["pattern"] % i) for i in range(meta["n_frames"])]
 
 
+def _relative(ws: Workspace, path: Path) -> str:
+    return path.relative_to(ws.root).as_posix()
+
+
 def _landmarks(ws: Workspace, timeline: dict, cfg: PreprocessConfig) -> dict:
     from .landmarks import track
 
@@ -269,7 +273,7 @@ def _facefit(ws: Workspace, timeline: dict, cfg: PreprocessConfig) -> dict:
     with atomic_path(ws.path(FACEFIT_NPZ)) as tmp:
         np.savez(tmp, **data)
     write_json(ws.path(TRANSFORMS_JSON), outputs.transforms(fit, train, size, timeline["fps"],
-                                                            "frames/" + read_json(ws.path(FRAMES_JSON))["pattern"]))
+                                                            [_relative(ws, p) for p in paths]))
     ws.path("previews").mkdir(exist_ok=True)
     tris = data["triangles"] if "triangles" in data else np.zeros((0, 3), np.int64)
     with progress.bar("tracking preview", len(paths)) as bar:
@@ -290,9 +294,7 @@ def _facefit(ws: Workspace, timeline: dict, cfg: PreprocessConfig) -> dict:
 def _fit_flame(points: np.ndarray, ok: np.ndarray, size: tuple[int, int], cfg: PreprocessConfig):
     from .facemodel.flame import fit_flame, load_flame
 
-    pkl = Path(cfg.flame)
-    emb = Path(cfg.flame_embedding) if cfg.flame_embedding else pkl.with_name("mediapipe_landmark_embedding.npz")
-    model = load_flame(pkl, emb)
+    model = load_flame(*cfg.flame_files())
     with progress.bar("FLAME fit", None, unit="it"):
         return fit_flame(points, ok, size[0], model)
 

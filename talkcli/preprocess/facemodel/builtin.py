@@ -213,11 +213,10 @@ def fit_builtin(points: np.ndarray, ok: np.ndarray, image_size: tuple[int, int],
     coeffs_s = gaussian_smooth(coeffs, cfg.expression_sigma)
 
     def fill(values: np.ndarray) -> np.ndarray:
-        full = np.empty((n,) + values.shape[1:], np.float64)
+        """Untracked frames get values interpolated from their tracked neighbours."""
         flat = values.reshape(len(idx), -1)
         out = np.stack([np.interp(np.arange(n), idx, flat[:, c]) for c in range(flat.shape[1])], axis=1)
-        full[:] = out.reshape((n,) + values.shape[1:])
-        return full
+        return out.reshape((n,) + values.shape[1:])
 
     rv_all, tv_all, c_all = fill(rvecs_s), fill(tvecs_s), fill(coeffs_s)
     rotation = _matrix(rv_all)

@@ -92,7 +92,8 @@ def arrays(fit: FaceFit, train: np.ndarray, angles: np.ndarray) -> dict[str, np.
     return out
 
 
-def transforms(fit: FaceFit, train: np.ndarray, image_size: tuple[int, int], fps: float, pattern: str) -> dict:
+def transforms(fit: FaceFit, train: np.ndarray, image_size: tuple[int, int], fps: float,
+               file_paths: list[str]) -> dict:
     """nerfstudio / instant-ngp ``transforms.json``: per-frame camera-to-world, head at the origin."""
     w, h = image_size
     frames = []
@@ -103,7 +104,7 @@ def transforms(fit: FaceFit, train: np.ndarray, image_size: tuple[int, int], fps
         c2w[:3, 3] = HEAD_TO_WORLD @ (-r.T @ t)
         c2w = c2w @ OPENCV_TO_OPENGL
         frames.append({
-            "file_path": pattern % i,
+            "file_path": file_paths[i],
             "transform_matrix": np.round(c2w, 7).tolist(),
             "frame_index": i,
             "time": round(i / fps, 6),
