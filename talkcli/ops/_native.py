@@ -1,0 +1,222 @@
+"""Building, loading and choosing the native kernels.
+
+One extension per device kind: ``talkcli_kernels_cpu`` (``kernels/bind/module.cpp`` +
+``kernels/cpu/*.cpp``, C++17 with OpenMP) and, on a machine whose torch sees a GPU,
+``talkcli_kernels_cuda`` (the same plus ``kernels/cuda/*.cu``; it serves CPU tensors too). They
+are compiled by ``torch.utils.cpp_extension`` on first use into a per-machine cache directory;
+ninja rebuilds only what changed.
+
+The backend setting picks what the ops use:
+- ``auto`` (default): native when it builds, otherwise the PyTorch reference with one warning;
+- ``native``: native or a clear error (benchmarks, or to make sure the fast path is used);
+- ``reference``: always the pure-PyTorch reference (the spec; slow).
+It comes from ``TALKCLI_KERNELS`` or ``use_backend()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import NotAvailable
+
+BACKENDS = ("auto", "native", "reference")
+_backend: str | None = None
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+_failed: dict[str, str] = {}
+_warned = False
+
+
+def kernel_dir() -> Path:
+    """The kernel sources: shipped inside the package (wheel) or the repository's ``kernels/``."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "_kernels", here.parent.parent / "kernels"):
+        if (cand / "common.h").is_file():
+            return cand
+    raise NotAvailable("the native kernel sources are missing from this installation; "
+                       "set TALKCLI_KERNELS=reference to use the PyTorch reference")
+
+
+def backend() -> str:
+    value = _backend or os.environ.get("TALKCLI_KERNELS", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise NotAvailable(f"TALKCLI_KERNELS={value!r}: choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+def set_backend(value: str | None) -> None:
+    """Set the backend for this process (None: back to TALKCLI_KERNELS / auto)."""
+    global _backend
+    if value is not None and value not in BACKENDS:
+        raise NotAvailable(f"kernel backend {value!r}: choose one of {', '.join(BACKENDS)}")
+    _backend = value
+
+
+@contextlib.contextmanager
+def use_backend(value: str) -> Iterator[None]:
+    previous = _backend
+    set_backend(value)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def cache_root() -> Path:
+    if env := os.environ.get("TALKCLI_KERNEL_CACHE"):
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "talkcli" / "kernels"
+
+
+def _machine_tag(kind: str) -> str:
+    # -march=native code must not be shared between different CPUs, nor builds between torch versions.
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        cpu += "".join(lines)
+    except OSError:
+        pass
+    digest = hashlib.sha1(f"{cpu}|{platform.machine()}".encode()).hexdigest()[:10]
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return f"{kind}-torch{torch.__version__.replace('+', '_')}-{py}-{digest}"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _ensure_ninja() -> bool:
+    """cpp_extension needs ninja on PATH; the ninja wheel installs it next to the interpreter,
+    which is not on PATH when ``.venv/bin/talk`` is run without activating the venv."""
+    if shutil.which("ninja"):
+        return True
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # type: ignore
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except Exception:
+        pass
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, "ninja")):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return True
+    return False
+
+
+def _only() -> str | None:
+    """TALKCLI_KERNEL_ONLY=<op>: build a module with that op alone (developing one op while
+    another is half-edited); it gets its own name and build directory."""
+    return os.environ.get("TALKCLI_KERNEL_ONLY") or None
+
+
+def sources(kind: str) -> list[Path]:
+    root = kernel_dir()
+    only = _only()
+    cpu = sorted((root / "cpu").glob(f"{only}.cpp" if only else "*.cpp"))
+    files = [root / "bind" / "module.cpp", *cpu]
+    if kind == "cuda":
+        files += sorted((root / "cuda").glob(f"{only}.cu" if only else "*.cu"))
+    return files
+
+
+def cpu_flags() -> list[str]:
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
+
+
+def _build(kind: str):
+    from ..progress import info
+    from torch.utils import cpp_extension
+
+    if _compiler() is None:
+        raise NotAvailable("no C++ compiler found (install g++ or set CXX)")
+    if not _ensure_ninja():
+        raise NotAvailable("ninja is not installed (pip install ninja)")
+    if kind == "cuda" and cpp_extension.CUDA_HOME is None:
+        raise NotAvailable("CUDA toolkit (nvcc) not found: set CUDA_HOME")
+    only = _only()
+    suffix = f"_{only}" if only else ""
+    build_dir = cache_root() / (_machine_tag(kind) + suffix)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    root = kernel_dir()
+    info(f"native kernels: building {kind} extension (first use only, about a minute) in {build_dir}")
+    kwargs = dict(
+        name=f"talkcli_kernels_{kind}{suffix}",
+        sources=[str(p) for p in sources(kind)],
+        extra_include_paths=[str(root)],
+        extra_cflags=cpu_flags() + (["-DTALKCLI_WITH_CUDA"] if kind == "cuda" else [])
+        + (["-DTK_ONLY", f"-DTK_ONLY_{only.upper()}"] if only else []),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        verbose=os.environ.get("TALKCLI_KERNELS_VERBOSE") == "1",
+    )
+    if kind == "cuda":
+        kwargs["extra_cuda_cflags"] = ["-O3", "-DTALKCLI_WITH_CUDA", "--expt-relaxed-constexpr"]
+    return cpp_extension.load(**kwargs)
+
+
+def load(kind: str = "cpu"):
+    """The built extension for ``kind`` ('cpu' or 'cuda'); raises NotAvailable with the reason."""
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _failed:
+            raise NotAvailable(_failed[kind])
+        try:
+            mod = _build(kind)
+        except NotAvailable as exc:
+            _failed[kind] = str(exc)
+            raise
+        except Exception as exc:  # compiler errors: keep the first line that says what failed
+            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            _failed[kind] = f"building the native {kind} kernels failed: {detail}"
+            raise NotAvailable(_failed[kind]) from exc
+        _loaded[kind] = mod
+        return mod
+
+
+def extension_for(*tensors: torch.Tensor):
+    """The extension to run an op on these tensors, or None for the PyTorch reference."""
+    global _warned
+    choice = backend()
+    if choice == "reference":
+        return None
+    kind = "cuda" if any(t.is_cuda for t in tensors) else "cpu"
+    if kind == "cpu" and "cuda" in _loaded:
+        return _loaded["cuda"]
+    try:
+        return load(kind)
+    except NotAvailable as exc:
+        if choice == "native":
+            raise
+        if not _warned:
+            from ..progress import warn
+
+            warn(f"{exc}; using the PyTorch reference kernels (much slower)")
+            _warned = True
+        return None
+
+
+def status() -> dict:
+    """What ``talk info`` reports: compiler, nvcc, and whether each extension is built/loaded."""
+    from torch.utils import cpp_extension
+
+    out = {"backend": backend(), "cxx": _compiler(), "nvcc": shutil.which("nvcc") or (
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)}
+    for kind in ("cpu", "cuda"):
+        lib = cache_root() / _machine_tag(kind)
+        built = any(lib.glob(f"talkcli_kernels_{kind}*.so")) if lib.is_dir() else False
+        out[kind] = "loaded" if kind in _loaded else ("built" if built else (_failed.get(kind) or "not built yet"))
+    return out
