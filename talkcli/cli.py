@@ -213,7 +213,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON on st
         c.print(f"cpu:      {d['cpu_count']} cores, torch uses {d['torch_threads']} threads")
         c.print(f"cuda:     {d['cuda'] or 'none'}")
         k = data["native_kernels"]
-        c.print(f"kernels:  {k['status']} (C++ compiler: {k['cxx'] or 'none'}, nvcc: {k['nvcc'] or 'none'})")
+        c.print(f"kernels:  backend {k['backend']} (TALKCLI_KERNELS); cpu: {k['cpu']}; cuda: {k['cuda']} "
+                f"(C++ compiler: {k['cxx'] or 'none'}, nvcc: {k['nvcc'] or 'none'})")
         c.print(f"models:   optional, in {data['models_root']}")
         for name, m in data["optional_models"].items():
             mark = "[green]✓[/green]" if m["configured"] else "-"

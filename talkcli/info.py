@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from . import __version__
 from .media.ffmpeg import ffmpeg_exe, ffmpeg_version
 from .models import OPTIONAL_MODELS, check, models_root
+from .ops._native import status as native_status
 
 PACKAGES = ("torch", "numpy", "mediapipe", "opencv-contrib-python", "librosa", "av", "typer", "rich",
             "imageio-ffmpeg", "tinycudann")
@@ -30,8 +30,6 @@ def collect() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         cuda = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    nvcc = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
     return {
         "talkcli": __version__,
         "python": sys.version.split()[0],
@@ -43,13 +41,7 @@ def collect() -> dict:
             "torch_threads": torch.get_num_threads(),
             "cuda": cuda,
         },
-        "native_kernels": {
-            # The hash-grid / ray-marching kernels arrive with the avatar models; until then the
-            # answer is an honest "none" rather than a guess.
-            "status": "none in this version (the avatar stages that use them are not available yet)",
-            "cxx": cxx,
-            "nvcc": nvcc,
-        },
+        "native_kernels": native_status(),
         "models_root": str(models_root()),
         "optional_models": {
             m.name: {"configured": ok, "detail": detail, "purpose": m.purpose, "env": m.env}
