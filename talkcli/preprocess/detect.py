@@ -45,7 +45,8 @@ def quiet_native_stderr() -> Iterator[None]:
         yield
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    console_file = progress.console.file
+    # the console's own setting (None: follow sys.stderr), not the stream it resolves to now
+    console_file = progress.console._file
     real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
     try:
         sys.stderr.flush()
@@ -53,7 +54,7 @@ def quiet_native_stderr() -> Iterator[None]:
         progress.console.file = real
         yield
     finally:
-        progress.console.file = console_file
+        progress.console._file = console_file
         real.close()
         sys.stderr.flush()
         os.dup2(saved, 2)

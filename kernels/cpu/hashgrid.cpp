@@ -1,0 +1,434 @@
+// Multi-resolution hash encoding on the CPU (C++17 + OpenMP, raw pointers; math in hashgrid.h).
+//
+// Memory, not arithmetic, bounds this op: every point reads 2^D random table rows per level, and
+// a fine level's rows (2^T * F values: 4 MB for T = 19, F = 2) do not fit in L2. So all kernels
+// walk the points level by level: while one level is processed its rows are what the caches
+// (L3) hold. Within a level, points go in groups of 16: a group's corner rows and weights are
+// computed together (vectorised) and its rows prefetched while the previous group is blended,
+// which keeps many cache misses in flight.
+//
+// Backward: the table gradient is a scatter-add in which each thread owns whole levels (no two
+// threads write one row, no atomics); the owner zero-fills its level's rows right before the
+// scatter. grad_out is first copied level-major so that a level reads its F columns contiguously
+// (strided 8-byte reads cost a whole cache line each). The input gradient is owned by points.
+//
+// Outputs of many MB are page-faulted in 2 MB pages (madvise): in a VM, first touching 32 MB in
+// 4 kB pages costs about as much as the whole forward pass.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "hashgrid.h"
+
+namespace {
+
+using tk::HashGridLevels;
+
+constexpr int kGroup = 16;            // points located together (one AVX-512 vector of floats)
+constexpr int64_t kBlock = 512;       // points per OpenMP work item
+constexpr int64_t kChunk = 1 << 18;   // points per level-by-level pass (bounds the output footprint)
+
+// Ask for transparent huge pages on [p, p + bytes) before it is first touched (a hint; no-op
+// where unsupported or already populated).
+inline void advise_huge(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes < (size_t(4) << 20)) return;
+  const uintptr_t page = 4096;
+  const uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), e = ((uintptr_t)p + bytes) & ~(page - 1);
+  if (e > a) madvise((void*)a, e - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// A temporary array (2 MB aligned, huge pages).
+template <class T>
+struct Scratch {
+  T* p = nullptr;
+  explicit Scratch(size_t count) {
+    const size_t align = size_t(2) << 20, bytes = (count * sizeof(T) + align - 1) / align * align;
+    p = (T*)std::aligned_alloc(align, bytes ? bytes : align);
+    if (!p) throw std::bad_alloc();
+    advise_huge(p, bytes);
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// What a level needs in the inner loop.
+struct Level {
+  float scale;
+  uint32_t resolution, size, pow2_mask;
+  bool hashed;
+  int64_t offset;
+};
+
+inline Level level_of(const HashGridLevels& lv, int l) {
+  return {lv.scale[l], lv.resolution[l], lv.size[l], tk::hg_pow2_mask(lv.size[l]), lv.hashed[l] != 0, lv.offset[l]};
+}
+
+// Corner rows, fractions and weights of a group of kGroup points on one level (structure of
+// arrays: [corner or dimension][point]). The generic path is hashgrid.h's scalar math point by
+// point; with AVX-512 the float path does the same arithmetic 16 points at a time (fma, floor
+// by roundscale, truncating conversion: bit for bit tk::pos_fract and tk::grid_index).
+// Points past the end of the range (a partial group) repeat the first point.
+template <int D, bool Hashed, class T>
+struct Group {
+  static constexpr int C = 1 << D;
+  alignas(64) uint32_t rows[C][kGroup];  // table rows relative to the level's offset
+  alignas(64) T frac[D][kGroup];
+  alignas(64) T w[C][kGroup];            // interpolation weights
+
+  void locate(const T* x, int m, const Level& L) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+      locate_avx512(x, m, L);
+      return;
+    }
+#endif
+    for (int j = 0; j < kGroup; ++j) {
+      const T* xi = x + (j < m ? j : 0) * D;
+      uint32_t cell[D], r[C];
+      T f[D];
+      for (int d = 0; d < D; ++d) tk::hg_pos_fract(xi[d], L.scale, &f[d], &cell[d]);
+      tk::hg_corner_rows<D>(cell, L.resolution, L.size, Hashed, r);
+      for (int d = 0; d < D; ++d) frac[d][j] = f[d];
+      for (int b = 0; b < C; ++b) {
+        rows[b][j] = r[b];
+        w[b][j] = tk::hg_weight<D, T>(f, b);
+      }
+    }
+  }
+
+#if defined(__AVX512F__)
+  void locate_avx512(const float* x, int m, const Level& L) {
+    alignas(64) float buf[D * kGroup];
+    if (m < kGroup) {
+      for (int j = 0; j < kGroup; ++j)
+        for (int d = 0; d < D; ++d) buf[j * D + d] = x[(j < m ? j : 0) * D + d];
+      x = buf;
+    }
+    // de-interleave (x0 y0 z0 x1 ...) into one vector per dimension
+    __m512 xs[D];
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 a0 = _mm512_loadu_ps(x), a1 = _mm512_loadu_ps(x + 16);
+    for (int d = 0; d < D; ++d) {
+      const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(iota, _mm512_set1_epi32(D)), _mm512_set1_epi32(d));
+      xs[d] = _mm512_permutex2var_ps(a0, idx, a1);  // elements 0..31
+      if (D == 3) {                                 // elements 32..47
+        const __mmask16 hi = _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(32));
+        xs[d] = _mm512_mask_permutexvar_ps(xs[d], hi, _mm512_sub_epi32(idx, _mm512_set1_epi32(32)),
+                                           _mm512_loadu_ps(x + 32));
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(L.scale), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    __m512i lo[D], hi[D];
+    __m512 f[D], g[D];  // fraction and 1 - fraction
+    uint32_t stride = 1;
+    for (int d = 0; d < D; ++d) {
+      const __m512 pos = _mm512_fmadd_ps(scale, xs[d], half);
+      const __m512 fl = _mm512_roundscale_ps(pos, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      f[d] = _mm512_sub_ps(pos, fl);
+      g[d] = _mm512_sub_ps(one, f[d]);
+      _mm512_store_ps(frac[d], f[d]);
+      const __m512i cell = _mm512_cvttps_epi32(fl);  // (int)floor, 0x80000000 out of range like (int) on x86
+      const __m512i mul = _mm512_set1_epi32((int)(Hashed ? tk::hash_prime(d) : stride));
+      lo[d] = _mm512_mullo_epi32(cell, mul);
+      hi[d] = _mm512_mullo_epi32(_mm512_add_epi32(cell, _mm512_set1_epi32(1)), mul);
+      stride *= L.resolution;
+    }
+    const __m512i size = _mm512_set1_epi32((int)L.size), mask = _mm512_set1_epi32((int)L.pow2_mask);
+    for (int b = 0; b < C; ++b) {
+      __m512i v = (b & 1) ? hi[0] : lo[0];
+      __m512 wv = (b & 1) ? f[0] : g[0];
+      for (int d = 1; d < D; ++d) {
+        const bool up = (b >> d) & 1;
+        v = Hashed ? _mm512_xor_si512(v, up ? hi[d] : lo[d]) : _mm512_add_epi32(v, up ? hi[d] : lo[d]);
+        wv = _mm512_mul_ps(wv, up ? f[d] : g[d]);
+      }
+      if (L.pow2_mask) {
+        _mm512_store_si512(rows[b], _mm512_and_si512(v, mask));
+      } else {
+        _mm512_store_si512(rows[b], v);
+        if (_mm512_cmpge_epu32_mask(v, size))  // out-of-range dense index: rare
+          for (int j = 0; j < kGroup; ++j) rows[b][j] = tk::hg_mod(rows[b][j], L.size, 0);
+      }
+      _mm512_store_ps(w[b], wv);
+    }
+  }
+#endif
+};
+
+// GCC 12.2 at -O3 (its IPA mod/ref analysis) moved the zero-fill of grad_x and of a level's table
+// gradient past the kernel that accumulates into it, returning zeros (seen for double with D = 2
+// and F = 8). The per-level kernels are therefore kept out of interprocedural analysis; they are
+// large loops, so nothing is lost by not inlining them.
+#if defined(__GNUC__) && !defined(__clang__)
+#define TK_NOIPA __attribute__((noipa))
+#else
+#define TK_NOIPA
+#endif
+
+// Locate the group of points from g0 (at most kGroup, up to i1) and prefetch its rows of `rows_of`
+// (the table or its gradient, F values per row); returns the group's size. The kernels below run
+// it one group ahead of the group they consume, so the rows arrive while the previous group is
+// blended.
+template <int D, int F, bool Hashed, bool ForWrite, class T, class R>
+inline int locate_group(Group<D, Hashed, T>& g, const T* x, int64_t g0, int64_t i1, const Level& L,
+                        const R* rows_of) {
+  const int m = (int)std::min<int64_t>(kGroup, i1 - g0);
+  g.locate(x + g0 * D, m, L);
+  for (int b = 0; b < Group<D, Hashed, T>::C; ++b)
+    for (int j = 0; j < m; ++j) __builtin_prefetch(rows_of + (size_t)g.rows[b][j] * F, ForWrite ? 1 : 0, 3);
+  return m;
+}
+
+// ---------------------------------------------------------------- forward
+// One level for points [i0, i1): out[i * out_stride + f] (out points at the level's column).
+template <int D, int F, bool Hashed, class T>
+TK_NOIPA void forward_level(const T* x, int64_t i0, int64_t i1, const T* tab, const Level& L, T* out, int64_t out_stride) {
+  constexpr int C = 1 << D;
+  Group<D, Hashed, T> gs[2];
+  int cur = 0;
+  int m = i0 < i1 ? locate_group<D, F, Hashed, false>(gs[0], x, i0, i1, L, tab) : 0;
+  for (int64_t g0 = i0; g0 < i1; g0 += kGroup) {
+    const int next = g0 + kGroup < i1 ? locate_group<D, F, Hashed, false>(gs[cur ^ 1], x, g0 + kGroup, i1, L, tab) : 0;
+    const Group<D, Hashed, T>& g = gs[cur];
+    for (int j = 0; j < m; ++j) {
+      T acc[F];
+      for (int f = 0; f < F; ++f) acc[f] = T(0);
+      for (int b = 0; b < C; ++b) {
+        const T* e = tab + (size_t)g.rows[b][j] * F;
+        for (int f = 0; f < F; ++f) acc[f] += g.w[b][j] * e[f];
+      }
+      T* o = out + (g0 + j) * out_stride;
+      for (int f = 0; f < F; ++f) o[f] = acc[f];
+    }
+    m = next;
+    cur ^= 1;
+  }
+}
+
+template <int D, int F, class T>
+void forward(const T* x, int64_t n, const T* table, const HashGridLevels& lv, T* out) {
+  const int nl = lv.n_levels;
+  const int64_t stride = (int64_t)nl * F;
+  advise_huge(out, (size_t)n * stride * sizeof(T));
+#pragma omp parallel
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    for (int l = 0; l < nl; ++l) {
+      const Level L = level_of(lv, l);
+      // dynamic: each (row, level) is written once, whichever thread takes its block; a thread
+      // slowed down by other processes then holds up nobody
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t blk = c0; blk < c1; blk += kBlock) {
+        const int64_t b1 = std::min(c1, blk + kBlock);
+        if (!lv.active[l]) {
+          for (int64_t i = blk; i < b1; ++i)
+            for (int f = 0; f < F; ++f) out[i * stride + l * F + f] = T(0);
+        } else if (L.hashed) {
+          forward_level<D, F, true>(x, blk, b1, table + L.offset * F, L, out + l * F, stride);
+        } else {
+          forward_level<D, F, false>(x, blk, b1, table + L.offset * F, L, out + l * F, stride);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+// Table gradient of one level from all points (by the thread that owns the level); go points at
+// the level's (n, F) slice of the level-major grad_out.
+template <int D, int F, bool Hashed, class T>
+TK_NOIPA void backward_table_level(const T* x, int64_t n, const T* go, const Level& L, T* gtab) {
+  constexpr int C = 1 << D;
+  std::memset(gtab, 0, (size_t)L.size * F * sizeof(T));
+  Group<D, Hashed, T> gs[2];
+  int cur = 0;
+  int m = n > 0 ? locate_group<D, F, Hashed, true>(gs[0], x, 0, n, L, gtab) : 0;
+  for (int64_t g0 = 0; g0 < n; g0 += kGroup) {
+    const int next = g0 + kGroup < n ? locate_group<D, F, Hashed, true>(gs[cur ^ 1], x, g0 + kGroup, n, L, gtab) : 0;
+    const Group<D, Hashed, T>& g = gs[cur];
+    for (int j = 0; j < m; ++j) {
+      T gv[F];
+      for (int f = 0; f < F; ++f) gv[f] = go[(g0 + j) * F + f];
+      for (int b = 0; b < C; ++b) {
+        T* e = gtab + (size_t)g.rows[b][j] * F;
+        for (int f = 0; f < F; ++f) e[f] += g.w[b][j] * gv[f];
+      }
+    }
+    m = next;
+    cur ^= 1;
+  }
+}
+
+// Input gradient of points [i0, i1) from one level, added to grad_x:
+// d out[l, f] / d x_k = scale_l * sum_b table[row_b, f] * d w_b / d frac_k.
+template <int D, int F, bool Hashed, class T>
+TK_NOIPA void backward_input_level(const T* x, int64_t i0, int64_t i1, const T* tab, const T* go, const Level& L,
+                          T* grad_x) {
+  constexpr int C = 1 << D;
+  const T scale = (T)L.scale;
+  Group<D, Hashed, T> gs[2];
+  int cur = 0;
+  int m = i0 < i1 ? locate_group<D, F, Hashed, false>(gs[0], x, i0, i1, L, tab) : 0;
+  for (int64_t g0 = i0; g0 < i1; g0 += kGroup) {
+    const int next = g0 + kGroup < i1 ? locate_group<D, F, Hashed, false>(gs[cur ^ 1], x, g0 + kGroup, i1, L, tab) : 0;
+    const Group<D, Hashed, T>& g = gs[cur];
+    for (int j = 0; j < m; ++j) {
+      const T* gv = go + (g0 + j) * F;
+      T v[C];  // <grad_out[l], table[row_b]>
+      for (int b = 0; b < C; ++b) {
+        const T* e = tab + (size_t)g.rows[b][j] * F;
+        T s = T(0);
+        for (int f = 0; f < F; ++f) s += gv[f] * e[f];
+        v[b] = s;
+      }
+      T fr[D];
+      for (int d = 0; d < D; ++d) fr[d] = g.frac[d][j];
+      T* gx = grad_x + (g0 + j) * D;
+      for (int k = 0; k < D; ++k) {
+        T s = T(0);
+        for (int b = 0; b < C; ++b) s += v[b] * tk::hg_dweight<D, T>(fr, b, k);
+        gx[k] += scale * s;
+      }
+    }
+    m = next;
+    cur ^= 1;
+  }
+}
+
+template <int D, int F, class T>
+void backward(const T* x, int64_t n, const T* table, const T* grad_out, const HashGridLevels& lv, T* grad_table,
+              int64_t table_rows, T* grad_x) {
+  const int nl = lv.n_levels;
+  const int64_t stride = (int64_t)nl * F;
+  // active levels, largest first so that the dynamic schedule of the table gradient balances
+  int order[tk::kHashGridMaxLevels];
+  int na = 0;
+  for (int l = 0; l < nl; ++l)
+    if (lv.active[l]) order[na++] = l;
+  std::stable_sort(order, order + na, [&](int a, int b) { return lv.size[a] > lv.size[b]; });
+  // rows of grad_table that no active level owns (masked levels, rows past the last level)
+  int64_t gaps[2 * tk::kHashGridMaxLevels + 2][2];
+  int ngaps = 0;
+  if (grad_table) {
+    advise_huge(grad_table, (size_t)table_rows * F * sizeof(T));
+    int64_t start = 0;
+    for (int l = 0; l < nl; ++l) {
+      if (!lv.active[l]) continue;
+      if (lv.offset[l] > start) gaps[ngaps][0] = start, gaps[ngaps++][1] = lv.offset[l];
+      start = std::max(start, lv.offset[l] + (int64_t)lv.size[l]);
+    }
+    if (table_rows > start) gaps[ngaps][0] = start, gaps[ngaps++][1] = table_rows;
+  }
+  Scratch<T> gol((size_t)n * na * F);  // grad_out of the active levels, level-major (na, n, F)
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t blk = 0; blk < n; blk += 64) {
+      const int64_t b1 = std::min(n, blk + 64);
+      for (int k = 0; k < na; ++k) {
+        T* dst = gol.p + (size_t)k * n * F;
+        const T* src = grad_out + order[k] * F;
+        for (int64_t i = blk; i < b1; ++i)
+          for (int f = 0; f < F; ++f) dst[i * F + f] = src[i * stride + f];
+      }
+    }  // (barrier)
+    if (grad_table) {
+#pragma omp for schedule(static) nowait
+      for (int k = 0; k < ngaps; ++k)
+        std::memset(grad_table + gaps[k][0] * F, 0, (size_t)(gaps[k][1] - gaps[k][0]) * F * sizeof(T));
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int k = 0; k < na; ++k) {
+        const Level L = level_of(lv, order[k]);
+        const T* go = gol.p + (size_t)k * n * F;
+        T* gtab = grad_table + L.offset * F;
+        if (L.hashed) backward_table_level<D, F, true>(x, n, go, L, gtab);
+        else backward_table_level<D, F, false>(x, n, go, L, gtab);
+      }
+    }
+    if (grad_x) {
+      // level after level (a barrier between them), each block of points by one thread
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t blk = 0; blk < n; blk += kBlock) {
+        const int64_t b1 = std::min(n, blk + kBlock);
+        for (int64_t i = blk * D; i < b1 * D; ++i) grad_x[i] = T(0);
+      }
+      for (int k = 0; k < na; ++k) {
+        const Level L = level_of(lv, order[k]);
+        const T* go = gol.p + (size_t)k * n * F;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < n; blk += kBlock) {
+          const int64_t b1 = std::min(n, blk + kBlock);
+          if (L.hashed) backward_input_level<D, F, true>(x, blk, b1, table + L.offset * F, go, L, grad_x);
+          else backward_input_level<D, F, false>(x, blk, b1, table + L.offset * F, go, L, grad_x);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dispatch on D and F
+template <template <int, int> class Op, class... Args>
+void dispatch(int dims, int features, Args&&... args) {
+  switch (dims * 16 + features) {
+    case 2 * 16 + 1: Op<2, 1>::run(args...); break;
+    case 2 * 16 + 2: Op<2, 2>::run(args...); break;
+    case 2 * 16 + 4: Op<2, 4>::run(args...); break;
+    case 2 * 16 + 8: Op<2, 8>::run(args...); break;
+    case 3 * 16 + 1: Op<3, 1>::run(args...); break;
+    case 3 * 16 + 2: Op<3, 2>::run(args...); break;
+    case 3 * 16 + 4: Op<3, 4>::run(args...); break;
+    case 3 * 16 + 8: Op<3, 8>::run(args...); break;
+    default: break;  // the torch wrapper rejects other shapes
+  }
+}
+
+template <int D, int F>
+struct Forward {
+  template <class T>
+  static void run(const T* x, int64_t n, const T* table, const HashGridLevels& lv, T* out) {
+    forward<D, F>(x, n, table, lv, out);
+  }
+};
+template <int D, int F>
+struct Backward {
+  template <class T>
+  static void run(const T* x, int64_t n, const T* table, const T* grad_out, const HashGridLevels& lv, T* grad_table,
+                  int64_t table_rows, T* grad_x) {
+    backward<D, F>(x, n, table, grad_out, lv, grad_table, table_rows, grad_x);
+  }
+};
+
+}  // namespace
+
+#define TK_HASHGRID_CPU(T)                                                                                      \
+  void tk_hashgrid_forward_cpu(const T* x, int64_t n, int dims, const T* table, int features,                  \
+                               const tk::HashGridLevels& levels, T* out) {                                     \
+    if (n > 0) dispatch<Forward>(dims, features, x, n, table, levels, out);                                    \
+  }                                                                                                             \
+  void tk_hashgrid_backward_cpu(const T* x, int64_t n, int dims, const T* table, const T* grad_out,            \
+                                int features, const tk::HashGridLevels& levels, T* grad_table,                 \
+                                int64_t table_rows, T* grad_x) {                                               \
+    if (n == 0 && grad_table) std::memset(grad_table, 0, (size_t)table_rows * features * sizeof(T));           \
+    if (n > 0 && (grad_table || grad_x))                                                                        \
+      dispatch<Backward>(dims, features, x, n, table, grad_out, levels, grad_table, table_rows, grad_x);       \
+  }
+
+TK_HASHGRID_CPU(float)
+TK_HASHGRID_CPU(double)
+#undef TK_HASHGRID_CPU
