@@ -53,6 +53,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "facefit": ("frames", "landmarks"),
     "audio": ("probe",),
     "audio_features": ("audio",),
+    "train_r2talker": ("frames", "landmarks", "matting", "facefit"),
 }
 
 

@@ -1,0 +1,199 @@
+"""Typed avatar configs; ``presets/*.toml`` load into them and ``--set section.field=value`` overrides.
+
+A preset has two sections: ``[model]`` (what the network is: changing it needs a fresh training)
+and ``[train]`` (how it is trained: iterations, rays, learning rates, logging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UsageError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class R2TalkerModel:
+    """R2-Talker's networks (paper Table 6 in the r2talker-paper preset)."""
+
+    # landmark encoder: 68 pose-normalised 3D landmarks of `window` frames -> hash grid -> FCs
+    window: int = 5
+    lmk_levels: int = 16
+    lmk_features: int = 2
+    lmk_log2_table: int = 16
+    lmk_base: float = 32.0
+    lmk_finest: float = 2048.0
+    cond_hidden: int = 128
+    cond_layers: int = 3          # FCs from the concatenated encodings to h_cond
+    cond_dim: int = 128
+    # head field: position hash grid + sigma net + colour net, M-AGLO at every hidden layer
+    pos_levels: int = 16
+    pos_features: int = 4
+    pos_log2_table: int = 16
+    pos_base: float = 32.0
+    pos_finest: float = 2048.0
+    sigma_layers: int = 3
+    sigma_hidden: int = 128
+    geo_dim: int = 128            # sigma net output: 1 density + geo_dim features
+    color_layers: int = 2
+    color_hidden: int = 64
+    conditioning: str = "maglo"   # maglo | concat (the GLO baseline of the ablation)
+    encoder: str = "hashgrid"     # hashgrid | flat (raw landmark coordinates: ablation baseline)
+    # progressive hash levels (Conditional Progressive Optimization)
+    progressive: bool = True
+    start_levels: int = 4
+    # torso (RAD-NeRF style, 2D): deformation by head pose + 2D hash grid
+    torso_levels: int = 12
+    torso_features: int = 2
+    torso_log2_table: int = 16
+    torso_hidden: int = 64
+    # geometry / sampling
+    occupancy_resolution: int = 128
+    steps_per_ray: int = 128      # lattice steps across the box diagonal
+    max_samples: int = 96
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    size: int = 512               # training resolution (frames are resized to size x size)
+    iterations: int = 240_000     # head iterations (lips fine-tuning included)
+    torso_iterations: int = 40_000
+    rays: int = 4096              # rays per iteration
+    frames_per_batch: int = 4     # rays come from this many frames per iteration
+    head_ray_fraction: float = 0.5  # share of rays drawn inside the head box (oversampling)
+    lr: float = 1e-2              # hash tables
+    lr_net: float = 1e-3          # MLPs
+    weight_decay: float = 1e-6
+    lr_drops: tuple[float, ...] = (0.625, 0.75)   # x0.1 then x0.01 at these fractions (150K, 180K of 240K)
+    lips_start: float = 0.833     # lips fine-tuning from this fraction (200K of 240K), lr reset
+    lips_patch: int = 32          # patch side in pixels at the training size
+    lpips_weight: float = 0.01
+    lip_substitute: str = "ssim"  # without LPIPS weights: (1 - SSIM) on the lip patch
+    progressive_every: int = 5000  # iterations per extra hash level at 240K (scaled to `iterations`)
+    occupancy_every: int = 16
+    occupancy_warmup: int = 256   # iterations before the grid starts pruning
+    holdout_fraction: float = 0.1  # the last frames, never trained on (validation / eval)
+    checkpoint_every: int = 2000
+    val_every: int = 5000
+    log_every: int = 50
+    seed: int = 0
+    threads: int = 0              # torch threads (0: all cores)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: R2TalkerModel = field(default_factory=R2TalkerModel)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    def validate(self) -> "Preset":
+        m, t = self.model, self.train
+        if m.conditioning not in ("maglo", "concat"):
+            raise UsageError(f"model.conditioning must be maglo or concat, not {m.conditioning!r}")
+        if m.encoder not in ("hashgrid", "flat"):
+            raise UsageError(f"model.encoder must be hashgrid or flat, not {m.encoder!r}")
+        if m.window < 1 or m.window % 2 == 0:
+            raise UsageError(f"model.window must be an odd number of frames, not {m.window}")
+        if not 16 <= t.size <= 2048:
+            raise UsageError(f"train.size must be between 16 and 2048, not {t.size}")
+        if t.iterations < 1 or t.torso_iterations < 0 or t.rays < 16 or t.frames_per_batch < 1:
+            raise UsageError("train.iterations >= 1, train.torso_iterations >= 0, train.rays >= 16 and "
+                             "train.frames_per_batch >= 1 are required")
+        if not 0.0 <= t.holdout_fraction < 0.5:
+            raise UsageError("train.holdout_fraction must be in [0, 0.5)")
+        if not 1 <= m.start_levels <= m.pos_levels:
+            raise UsageError("model.start_levels must be between 1 and model.pos_levels")
+        return self
+
+
+def presets_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent
+    for cand in (here / "_presets", here.parent / "presets"):
+        if cand.is_dir():
+            return cand
+    raise UsageError("the presets directory is missing from this installation")
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UsageError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    out = {}
+    for k, v in values.items():
+        default = getattr(cls(), k)
+        out[k] = _coerce(v, default, f"{where}.{k}")
+    return cls(**out)
+
+
+def _coerce(value, default, where: str):
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{where} must be true or false, not {value!r}")
+    try:
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = json.loads(value if value.startswith("[") else f"[{value}]")
+            return tuple(float(v) for v in value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where} must be a {type(default).__name__}, not {value!r}") from None
+    return str(value)
+
+
+def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
+    """A preset by name (presets/NAME.toml) or path, with ``section.field=value`` overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = presets_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UsageError(f"no preset {name_or_path!r}; available: {', '.join(available_presets())}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"preset {path}: {exc}") from None
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UsageError(f"--set {item!r}: write section.field=value, e.g. train.iterations=2000")
+        key, value = item.split("=", 1)
+        section, fld = key.strip().split(".", 1)
+        if section not in ("model", "train"):
+            raise UsageError(f"--set {item!r}: the section is model or train")
+        data.setdefault(section, {})[fld.strip()] = value.strip()
+    extra = sorted(set(data) - {"model", "train", "description"})
+    if extra:
+        raise UsageError(f"preset {path}: unknown section(s) {', '.join(extra)}")
+    return Preset(name=path.stem, model=_build(R2TalkerModel, data.get("model", {}), "model"),
+                  train=_build(TrainConfig, data.get("train", {}), "train")).validate()
+
+
+def preset_from_dict(d: dict) -> Preset:
+    """The preset stored with a checkpoint."""
+    return Preset(name=d["name"], model=R2TalkerModel(**{k: tuple(v) if isinstance(v, list) else v
+                                                         for k, v in d["model"].items()}),
+                  train=TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["train"].items()}))
