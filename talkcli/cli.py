@@ -221,13 +221,90 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON on st
             c.print(f"  {mark} {name:<15} {m['detail']}")
 
 
+# --------------------------------------------------------------------------- train / eval
+
+
+def _default_preset() -> str:
+    import torch
+
+    return "r2talker-paper" if torch.cuda.is_available() else "r2talker-cpu"
+
+
+@app.command()
+def train(
+    workspace: Path = typer.Argument(..., help="A workspace made by `talk preprocess`."),
+    model: str = typer.Option("r2talker", "--model", help="Avatar model: r2talker."),
+    preset: Optional[str] = typer.Option(None, "--preset",
+                                         help="Preset name (presets/*.toml) or path [default: r2talker-paper "
+                                              "with a GPU, r2talker-cpu without]."),
+    set_: list[str] = typer.Option([], "--set", help="Override a preset field: section.field=value "
+                                   "(e.g. train.iterations=2000). Repeatable."),
+    force: bool = typer.Option(False, "--force", help="Train from scratch even if a model or checkpoint exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Train the avatar of a preprocessed workspace (resumes an interrupted run)."""
+    with _errors():
+        from .avatar.config import load_preset
+        from .avatar.data import check_preprocessed
+        from .errors import UsageError
+        from .workspace import Workspace
+
+        if model != "r2talker":
+            raise UsageError(f"--model {model}: this version trains r2talker")
+        cfg = load_preset(preset or _default_preset(), tuple(set_))
+        ws = Workspace(workspace)
+        check_preprocessed(ws)
+        from . import train as train_stage
+
+        with ws.locked(f"talk train {workspace}"):
+            summary = train_stage.run(ws, cfg, force=force)
+        if as_json:
+            _emit_json(summary)
+        elif summary["skipped"]:
+            progress.info(f"the {cfg.name} avatar in {summary['model']} is up to date (--force to retrain)")
+        else:
+            progress.info(f"[bold]trained[/bold] {summary['model']} ({cfg.name}, {summary['iterations']} iterations, "
+                          f"{summary['seconds']:.0f} s): held-out PSNR {summary.get('holdout_psnr', 'n/a')} dB; "
+                          f"log and images in {Path(summary['model']).parent}")
+
+
+@app.command("eval")
+def eval_(
+    workspace: Path = typer.Argument(..., help="A workspace with a trained avatar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+) -> None:
+    """Measure the avatar on held-out frames (PSNR, SSIM, LMD, FPS) beside a retrieval baseline."""
+    with _errors():
+        from .avatar.data import check_preprocessed
+        from .workspace import Workspace
+
+        ws = Workspace(workspace)
+        check_preprocessed(ws)
+        from . import evaluate
+
+        with ws.locked(f"talk eval {workspace}"):
+            result = evaluate.run(ws)
+        if as_json:
+            _emit_json({k: v for k, v in result.items() if k != "per_frame"})
+            return
+        from rich.table import Table
+
+        table = Table(title=f"held-out frames {result['holdout_frames'][0]}-{result['holdout_frames'][1]} at "
+                            f"{result['size']}² ({result['preset']})", title_justify="left")
+        for col in ("method", "PSNR dB", "SSIM", "LMD mouth px", "LMD face px", "FPS"):
+            table.add_column(col)
+        for name, m in result["metrics"].items():
+            table.add_row(name, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['lmd_mouth']:.2f}",
+                          f"{m['lmd_face']:.2f}", f"{m['fps']:.1f} ({m['fps_512']:.2f} at 512²)" if "fps" in m else "")
+        progress.console.print(table)
+        progress.info(f"LPIPS: {result['lpips']}; images: {result['samples']}")
+
+
 # --------------------------------------------------------------------------- later stages
 
 _LATER = {
-    "train": "trains the avatar (r2talker / meshhash) from a preprocessed workspace",
     "drive": "turns speech audio or an expression file into a motion track",
     "render": "renders a talking-head video from audio or a motion track",
-    "eval": "measures an avatar on held-out frames",
 }
 
 
@@ -237,7 +314,7 @@ def _not_yet(name: str):
             from .errors import NotAvailable
 
             raise NotAvailable(f"talk {name} is not available in talkcli {__version__} yet: it {_LATER[name]}; "
-                               "today talk preprocess builds the workspace it will use")
+                               "today talk preprocess, train and eval work")
 
     command.__doc__ = f"(not available yet) {_LATER[name][0].upper()}{_LATER[name][1:]}."
     return command

@@ -151,7 +151,8 @@ def _build(kind: str):
     build_dir = cache_root() / (_machine_tag(kind) + suffix)
     build_dir.mkdir(parents=True, exist_ok=True)
     root = kernel_dir()
-    info(f"native kernels: building {kind} extension (first use only, about a minute) in {build_dir}")
+    if not any(build_dir.glob("*.so")):  # later runs only check that the build is up to date
+        info(f"native kernels: building {kind} extension (first use only, about a minute) in {build_dir}")
     kwargs = dict(
         name=f"talkcli_kernels_{kind}{suffix}",
         sources=[str(p) for p in sources(kind)],
