@@ -122,6 +122,32 @@ def test_tiny_preset_learns_the_training_frames(ws128, tmp_path):
     assert (ws / "models/r2talker/loss.png").stat().st_size > 1000
     assert list((ws / "models/r2talker/val").glob("*.png"))
     assert summary["occupied_fraction"] < 1.0  # the occupancy grid pruned empty space
+    _rendering_with_early_termination_matches_all_samples(tr)
+
+
+def _rendering_with_early_termination_matches_all_samples(tr):
+    """render_frame (rounds, early termination) against render_rays (every sample at once)."""
+    from talkcli.avatar.data import windows
+    from talkcli.avatar.render import render_frame, render_rays
+    from talkcli.avatar.torso import pose_vector
+
+    d, model = tr.data, tr.model
+    f = int(tr.hold_idx[3])
+    win = windows(d.n_frames, np.array([f]), model.cfg.window)[0]
+    fast, _ = render_frame(model, d.rotation[f], d.translation[f], d.landmarks[win], d.background, d.focal,
+                           d.cx, d.cy)
+    s = d.size
+    vv, uu = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij")
+    r = s * s
+    with torch.no_grad():
+        cond = model.condition(torch.from_numpy(d.landmarks[win][None]))
+        pose = torch.from_numpy(pose_vector(d.rotation[f][None], d.translation[f][None])[0])
+        ref = render_rays(model, torch.from_numpy(d.rotation[f]).expand(r, 3, 3),
+                          torch.from_numpy(d.translation[f]).expand(r, 3), uu.reshape(-1), vv.reshape(-1), d.focal,
+                          d.cx, d.cy, cond, torch.zeros(r, dtype=torch.long),
+                          torch.from_numpy(d.background).reshape(-1, 3), pose.expand(r, -1), s)
+    ref = ref.rgb.reshape(s, s, 3).clamp(0, 1).numpy()
+    assert np.abs(fast - ref).max() < 5e-3 and np.abs(fast - ref).mean() < 1e-4
 
 
 def test_interrupted_training_resumes_at_the_same_iteration_and_optimizer_state(ws128, tmp_path):

@@ -41,6 +41,8 @@ class ConditionedMLP(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (S, in_dim); ``cond`` (B, cond_dim) per frame; ``index`` (S,) frame of each sample
         (None: B must be 1 or S)."""
+        if cond.shape[0] == 1:  # one frame (rendering): broadcast instead of a per-sample gather
+            index = None
         if self.mode == "concat":
             c = cond if index is None else cond[index]
             h = torch.cat([x, c.expand(x.shape[0], -1)], dim=-1)
@@ -48,8 +50,12 @@ class ConditionedMLP(nn.Module):
                 h = torch.relu(layer(h))
             return self.out(h)
         h = x
+        inplace = not torch.is_grad_enabled()  # inference: no temporaries per layer
         for layer, (alpha, beta) in zip(self.hidden, self.modulation(cond)):
             if index is not None:
                 alpha, beta = alpha[index], beta[index]
-            h = torch.relu(torch.addcmul(alpha, layer(h), 1 + beta))
+            if inplace:
+                h = layer(h).mul_(1 + beta).add_(alpha).relu_()
+            else:
+                h = torch.relu(torch.addcmul(alpha, layer(h), 1 + beta))
         return self.out(h)

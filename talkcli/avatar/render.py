@@ -54,6 +54,45 @@ def render_rays(model: R2Talker, rotation: torch.Tensor, translation: torch.Tens
 
 
 @torch.no_grad()
+def render_head_terminating(model: R2Talker, o: torch.Tensor, d: torch.Tensor, cond: torch.Tensor,
+                            round_samples: int = 12, min_transmittance: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head colour (R, 3) and opacity (R,) for rendering, marching in rounds with early termination.
+
+    Training marches every occupied lattice point at once (the gradient needs them all). For a
+    picture only the samples in front of the opaque surface matter: each round marches at most
+    ``round_samples`` more lattice points of the rays still open, composites them behind what is
+    already accumulated, and drops the rays whose transmittance fell below ``min_transmittance``
+    or that left the box. Same lattice and grid as ``render_rays``, so the image is the same up to
+    the samples that early termination leaves out anyway.
+    """
+    r = o.shape[0]
+    near, far = ray_aabb(o, d, model.aabb)
+    rgb = torch.zeros(r, 3)
+    trans = torch.ones(r)
+    rays = torch.nonzero(far > near).squeeze(1)
+    budget = model.cfg.max_samples
+    mask = model.level_mask()
+    step = model.step_size
+    while rays.numel() and budget > 0:
+        k = min(round_samples, budget)
+        s = march_rays(o[rays], d[rays], near[rays], far[rays], model.occupancy, step, k)
+        if s.num_samples == 0:
+            break
+        sigma, col = model.head(s.positions, s.directions, cond, None, mask)
+        comp = composite(sigma, col, s.deltas / step, s.ts, s.ray_offsets, stop_transmittance=0.0)
+        t_before = trans[rays]
+        rgb[rays] += t_before[:, None] * comp.rgb
+        trans[rays] = t_before * (1 - comp.opacity)
+        counts = s.counts()
+        last = s.ts[(s.ray_offsets[1:] - 1).clamp_min(0)]
+        keep = (counts == k) & (trans[rays] > min_transmittance)
+        near[rays] = torch.where(keep, last + s.deltas[(s.ray_offsets[1:] - 1).clamp_min(0)], near[rays])
+        rays = rays[keep]
+        budget -= k
+    return rgb, 1 - trans
+
+
+@torch.no_grad()
 def render_frame(model: R2Talker, rotation: np.ndarray, translation: np.ndarray, landmarks: np.ndarray,
                  background: np.ndarray, focal: float, cx: float, cy: float, torso: bool = True,
                  chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
@@ -79,9 +118,13 @@ def render_frame(model: R2Talker, rotation: np.ndarray, translation: np.ndarray,
     for s in range(0, size * size, chunk):
         e = min(size * size, s + chunk)
         r = e - s
-        res = render_rays(model, rot.expand(r, 3, 3), tr.expand(r, 3), u[s:e], v[s:e], focal, cx, cy, cond,
-                          torch.zeros(r, dtype=torch.long), bg[s:e],
-                          None if pose is None else pose.expand(r, -1), size)
-        out[s:e] = res.rgb
-        opacity[s:e] = res.head_opacity
+        o, d = pixel_rays(rot.expand(r, 3, 3), tr.expand(r, 3), focal, cx, cy, u[s:e], v[s:e])
+        head_rgb, head_op = render_head_terminating(model, o, d, cond)
+        under = bg[s:e]
+        if pose is not None:
+            uv = torch.stack([(u[s:e] + 0.5) / size, (v[s:e] + 0.5) / size], dim=-1)
+            t_rgb, alpha = model.torso(uv, pose.expand(r, -1))
+            under = t_rgb * alpha[:, None] + (1 - alpha[:, None]) * under
+        out[s:e] = head_rgb + (1 - head_op[:, None]) * under
+        opacity[s:e] = head_op
     return out.reshape(size, size, 3).clamp(0, 1).numpy(), opacity.reshape(size, size).numpy()
