@@ -258,6 +258,13 @@ def train(
 
         with ws.locked(f"talk train {workspace}"):
             summary = train_stage.run(ws, cfg, force=force)
+            if ws.path("audio/features.npz").is_file():  # the audio -> motion model of this subject
+                from .motion import stage as motion_stage
+
+                summary["motion"] = motion_stage.run(ws, cfg.train.holdout_fraction, force=force)
+            else:
+                progress.warn("the video has no sound: no audio-to-motion model (drive it with --expressions "
+                              "or --from)")
         if as_json:
             _emit_json(summary)
         elif summary["skipped"]:
@@ -300,29 +307,125 @@ def eval_(
         progress.info(f"LPIPS: {result['lpips']}; images: {result['samples']}")
 
 
-# --------------------------------------------------------------------------- later stages
-
-_LATER = {
-    "drive": "turns speech audio or an expression file into a motion track",
-    "render": "renders a talking-head video from audio or a motion track",
-}
+# --------------------------------------------------------------------------- drive / render
 
 
-def _not_yet(name: str):
-    def command(ctx: typer.Context) -> None:
-        with _errors():
-            from .errors import NotAvailable
+def _drive_args(workspace: Path, audio, expressions, from_, motion_model, pose, blinks, seed) -> dict:
+    from .workspace import Workspace
 
-            raise NotAvailable(f"talk {name} is not available in talkcli {__version__} yet: it {_LATER[name]}; "
-                               "today talk preprocess, train and eval work")
-
-    command.__doc__ = f"(not available yet) {_LATER[name][0].upper()}{_LATER[name][1:]}."
-    return command
+    return dict(audio=audio, expressions=expressions, source_ws=Workspace(from_) if from_ else None,
+                motion_model=motion_model, pose=pose, blinks=blinks, seed=seed)
 
 
-for _name in _LATER:
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        _not_yet(_name))
+_AUDIO_HELP = "Speech to drive the avatar (any file ffmpeg reads); its sound is muxed into the video."
+_EXPR_HELP = "Per-frame landmarks or expression coefficients (.csv / .npz, docs/cli.md)."
+_FROM_HELP = "Another workspace: its tracked expressions drive this subject (cross-reenactment)."
+_POSE_HELP = "Head pose: still (mean), loop (training poses forward and back) or source (the source's)."
+
+
+@app.command()
+def drive(
+    workspace: Path = typer.Argument(..., help="A workspace with a trained avatar."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help=_AUDIO_HELP),
+    expressions: Optional[Path] = typer.Option(None, "--expressions", help=_EXPR_HELP),
+    from_: Optional[Path] = typer.Option(None, "--from", help=_FROM_HELP),
+    motion_model: Optional[Path] = typer.Option(None, "--motion-model",
+                                                help="A general model from `talk train-motion` instead of the "
+                                                     "subject's own."),
+    pose: str = typer.Option("loop", "--pose", help=_POSE_HELP),
+    blinks: bool = typer.Option(True, "--blinks/--no-blinks", help="Add natural blinks."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the blink timing."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Track file [default: tracks/<name>.npz]."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Make a motion track (landmarks, head pose, blinks) from speech, expressions or another subject."""
+    with _errors():
+        from . import drive as drive_stage
+        from .workspace import Workspace
+
+        ws = Workspace(workspace)
+        args = _drive_args(workspace, audio, expressions, from_, motion_model, pose, blinks, seed)
+        with ws.locked(f"talk drive {workspace}"):
+            summary = drive_stage.run(ws, output, **args)
+        if as_json:
+            _emit_json(summary)
+        else:
+            progress.info(f"track of {summary['frames']} frames ({summary['seconds']:.2f} s) from {summary['source']} "
+                          f"in {summary['track']}")
+
+
+@app.command()
+def render(
+    workspace: Path = typer.Argument(..., help="A workspace with a trained avatar."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help=_AUDIO_HELP),
+    expressions: Optional[Path] = typer.Option(None, "--expressions", help=_EXPR_HELP),
+    from_: Optional[Path] = typer.Option(None, "--from", help=_FROM_HELP),
+    track: Optional[Path] = typer.Option(None, "--track", help="A track from `talk drive` instead of a source."),
+    motion_model: Optional[Path] = typer.Option(None, "--motion-model", help="A general motion model."),
+    pose: str = typer.Option("loop", "--pose", help=_POSE_HELP),
+    blinks: bool = typer.Option(True, "--blinks/--no-blinks", help="Add natural blinks."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the blink timing."),
+    background: str = typer.Option("plate", "--background",
+                                   help="plate (head + torso over the background plate) or source (paste the face "
+                                        "into the subject's own frames: dubbing)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Output size in pixels [default: the training size]."),
+    crf: int = typer.Option(18, "--crf", help="H.264 quality (0-51, lower is better)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="MP4 to write [default: renders/<name>.mp4]."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Render an MP4 of the subject saying the audio (or following the expressions), sound muxed in sync."""
+    with _errors():
+        from . import drive as drive_stage
+        from . import render as render_stage
+        from .avatar.data import check_preprocessed
+        from .errors import UsageError
+        from .train import MODEL_FILE
+        from .workspace import Workspace
+
+        ws = Workspace(workspace)
+        check_preprocessed(ws)
+        if not ws.path(MODEL_FILE).is_file():
+            raise TalkError(f"no trained avatar in {workspace}; run `talk train {workspace}` first")
+        if output is not None and output.suffix.lower() != ".mp4":
+            raise UsageError(f"-o {output}: the output is an .mp4 file")
+        with ws.locked(f"talk render {workspace}"):
+            if track is not None:
+                if any(x is not None for x in (audio, expressions, from_)):
+                    raise UsageError("--track already holds the motion: leave out --audio/--expressions/--from")
+                trk = drive_stage.Track.load(track)
+            else:
+                trk = drive_stage.make_track(ws, **_drive_args(workspace, audio, expressions, from_, motion_model,
+                                                               pose, blinks, seed))
+            name = drive_stage._track_name({"audio": audio, "expressions": expressions,
+                                            "source_ws": Workspace(from_) if from_ else None}) if track is None \
+                else track.stem
+            out = output or ws.path(f"renders/{name}.mp4")
+            summary = render_stage.run(ws, trk, out, size=size, crf=crf, background=background)
+        if as_json:
+            _emit_json(summary)
+        else:
+            progress.info(f"[bold]{summary['output']}[/bold]: {summary['frames']} frames, {summary['duration']:.2f} s "
+                          f"at {summary['fps']:g} fps, {summary['size']}², rendered at {summary['fps_achieved']:.1f} "
+                          f"frames/s{'' if summary['has_audio'] else ' (no sound)'}")
+            sys.stdout.write(summary["output"] + "\n")
+
+
+@app.command("train-motion")
+def train_motion(
+    workspaces: list[Path] = typer.Argument(..., help="Preprocessed workspaces of people speaking."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the general motion model (.pt)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Train a general audio-to-motion model across workspaces (use it with --motion-model)."""
+    with _errors():
+        from .motion import stage as motion_stage
+        from .workspace import Workspace
+
+        summary = motion_stage.train_general([Workspace(w) for w in workspaces], output)
+        if as_json:
+            _emit_json(summary)
+        else:
+            progress.info(f"general motion model from {len(workspaces)} workspaces in {output}")
 
 
 def main() -> None:

@@ -1,0 +1,132 @@
+"""The motion stage of ``talk train`` (person-specific) and ``talk train-motion`` (general).
+
+    audio/features.npz + facefit.npz (68 landmarks, head frame) --fit--> models/motion/motion.pt
+                                                                          models/motion/eval.json
+
+Held-out frames are the avatar's (the last ``holdout_fraction`` of the clip). The evaluation
+compares the predicted mouth landmarks with the tracked ones there, beside two baselines: the
+mean expression, and nearest-neighbour retrieval on the audio features (the landmarks of the
+training frame whose audio window is closest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import progress
+from ..avatar.data import check_preprocessed
+from ..errors import InputError
+from ..workspace import Workspace, atomic_path, run_stage, write_json
+from .audio2motion import (MotionConfig, MotionData, MotionModel, audio_windows, face_scale, fit, mouth_error,
+                           mouth_opening)
+
+MOTION_FILE = "models/motion/motion.pt"
+MOTION_EVAL = "models/motion/eval.json"
+CODE_VERSION = 1
+UPSTREAM = ("landmarks", "facefit", "audio_features")
+
+
+def subject_landmarks(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 68, 3) pose-normalised landmarks (head frame, metres; untracked frames filled from the
+    nearest tracked one) and the (T,) usable-for-training flags."""
+    from ..avatar.data import _fill_gaps
+
+    fit_npz = np.load(ws.path("facefit.npz"))
+    idx68 = np.load(ws.path("landmarks.npz"))["ibug68_index"].astype(np.int64)
+    lmk = fit_npz["landmarks3d"][:, idx68].astype(np.float32)
+    ok = fit_npz["train"].astype(bool) & np.isfinite(lmk).all(axis=(1, 2))
+    return _fill_gaps(lmk, ok), ok
+
+
+def subject_data(ws: Workspace, holdout_fraction: float, name: str | None = None):
+    """MotionData of a workspace plus what turning offsets back into its landmarks needs."""
+    feats_path = ws.path("audio/features.npz")
+    if not feats_path.is_file():
+        raise InputError(f"workspace {ws.root} has no audio (its video has no sound track): the audio-to-motion "
+                         "model needs the subject speaking")
+    features = np.load(feats_path)["features"].astype(np.float32)
+    lmk, ok = subject_landmarks(ws)
+    n = min(len(features), len(lmk))
+    features, lmk, ok = features[:n], lmk[:n], ok[:n]
+    n_hold = int(round(n * holdout_fraction))
+    train = np.flatnonzero(ok[: n - n_hold])
+    hold = np.arange(n - n_hold, n)
+    if len(train) < 20:
+        raise InputError(f"only {len(train)} usable frames with audio in {ws.root}: too few to learn motion")
+    scale = face_scale(lmk[ok])
+    neutral = lmk[train].mean(0)
+    offsets = (lmk - neutral) / scale
+    return MotionData(name or ws.root.name, features, offsets, train), lmk, neutral, scale, train, hold
+
+
+def evaluate(model: MotionModel, data: MotionData, lmk: np.ndarray, neutral: np.ndarray, scale: float,
+             train: np.ndarray, hold: np.ndarray) -> dict:
+    """Mouth error (mm) and mouth-opening correlation on the held-out frames, with baselines."""
+    if len(hold) == 0:
+        return {}
+    true = lmk[hold]
+    pred = neutral + model.predict_offsets(data.features)[hold] * scale
+    mean = np.broadcast_to(neutral, true.shape)
+    win = audio_windows(data.features, 16, 4)
+    dist = ((win[hold][:, None, :] - win[train][None, :, :]) ** 2).sum(-1)
+    retrieval = lmk[train[dist.argmin(1)]]
+
+    def corr(p):
+        a, b = mouth_opening(p), mouth_opening(true)
+        return float(np.corrcoef(a, b)[0, 1]) if a.std() > 1e-9 and b.std() > 1e-9 else 0.0
+
+    out = {}
+    for name, p in (("audio2motion", pred), ("mean_expression", mean), ("audio_retrieval", retrieval)):
+        out[name] = {"mouth_mm": round(mouth_error(p, true, 1.0), 3), "opening_corr": round(corr(p), 3)}
+    out["frames"] = [int(hold[0]), int(hold[-1])]
+    out["selected"] = {"kind": model.kind, "neighbours": model.neighbours, "bands": model.bands, "context": model.context, "components": int(model.basis.shape[0]) if model.kind == "ridge" else None,
+                       "smoothing": model.smoothing, "ridge": model.ridge, "cv_mouth_mm": round(model.cv_mouth_error * scale * 1000, 3)}
+    return out
+
+
+def run(ws: Workspace, holdout_fraction: float = 0.1, cfg: MotionConfig = MotionConfig(), *,
+        force: bool = False) -> dict:
+    """Train (or skip when up to date) the subject's audio-to-motion model."""
+    check_preprocessed(ws)
+    rec = ws.record("audio_features")
+    if rec is None or not ws.path("audio/features.npz").is_file():
+        raise InputError(f"workspace {ws.root} has no audio features (no sound track?): the motion model needs them")
+    upstream = {name: ws.record(name)["output_key"] for name in UPSTREAM}
+    config = {"holdout_fraction": holdout_fraction, **dataclasses.asdict(cfg)}
+
+    def fn() -> dict:
+        data, lmk, neutral, scale, train, hold = subject_data(ws, holdout_fraction)
+        with progress.bar("train motion", len(cfg.bands) * len(cfg.contexts), unit="settings") as bar:
+            model = fit([data], cfg, bar)
+        result = evaluate(model, data, lmk, neutral, scale, train, hold)
+        ws.path("models/motion").mkdir(parents=True, exist_ok=True)
+        with atomic_path(ws.path(MOTION_FILE)) as tmp:
+            torch.save({**model.to_dict(), "neutral": neutral, "scale": scale}, tmp)
+        write_json(ws.path(MOTION_EVAL), result)
+        return result
+
+    res = run_stage(ws, "train_motion", code_version=CODE_VERSION, config=config, inputs=upstream,
+                    outputs=[MOTION_FILE, MOTION_EVAL], fn=fn, force=force)
+    return {"skipped": res.skipped, **res.record.get("summary", {})}
+
+
+def load(path: Path) -> MotionModel:
+    if not path.is_file():
+        raise InputError(f"no motion model at {path}; run `talk train {path.parent.parent.parent}` first")
+    return MotionModel.from_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def train_general(workspaces: list[Workspace], out: Path, holdout_fraction: float = 0.1,
+                  cfg: MotionConfig = MotionConfig()) -> dict:
+    """One model from several workspaces (``talk train-motion``), evaluated on each one's held-out frames."""
+    sets = [subject_data(ws, holdout_fraction, name=str(ws.root)) for ws in workspaces]
+    with progress.bar("train motion", len(cfg.bands) * len(cfg.contexts), unit="settings") as bar:
+        model = fit([s[0] for s in sets], cfg, bar)
+    with atomic_path(Path(out)) as tmp:
+        torch.save(model.to_dict(), tmp)
+    return {"model": str(out), "subjects": model.subjects,
+            "eval": {str(ws.root): evaluate(model, *s) for ws, s in zip(workspaces, sets)}}
