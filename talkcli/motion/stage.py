@@ -26,7 +26,7 @@ from .audio2motion import (MotionConfig, MotionData, MotionModel, audio_windows,
 
 MOTION_FILE = "models/motion/motion.pt"
 MOTION_EVAL = "models/motion/eval.json"
-CODE_VERSION = 1
+CODE_VERSION = 2
 UPSTREAM = ("landmarks", "facefit", "audio_features")
 
 
@@ -84,7 +84,7 @@ def evaluate(model: MotionModel, data: MotionData, lmk: np.ndarray, neutral: np.
         out[name] = {"mouth_mm": round(mouth_error(p, true, 1.0), 3), "opening_corr": round(corr(p), 3)}
     out["frames"] = [int(hold[0]), int(hold[-1])]
     out["selected"] = {"kind": model.kind, "neighbours": model.neighbours, "bands": model.bands, "context": model.context, "components": int(model.basis.shape[0]) if model.kind == "ridge" else None,
-                       "smoothing": model.smoothing, "ridge": model.ridge, "cv_mouth_mm": round(model.cv_mouth_error * scale * 1000, 3)}
+                       "smoothing": model.smoothing, "ridge": model.ridge, "cv_score": round(model.cv_score, 4)}
     return out
 
 
