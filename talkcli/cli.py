@@ -343,7 +343,10 @@ def drive(
         from . import drive as drive_stage
         from .workspace import Workspace
 
+        from .avatar.data import check_preprocessed
+
         ws = Workspace(workspace)
+        check_preprocessed(ws)
         args = _drive_args(workspace, audio, expressions, from_, motion_model, pose, blinks, seed)
         with ws.locked(f"talk drive {workspace}"):
             summary = drive_stage.run(ws, output, **args)

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from talkcli.preprocess.pipeline import CODE_VERSIONS
 from conftest import CLIP, VFR_CLIP, talk
 from talkcli import workspace as wsmod
 from talkcli.config import PreprocessConfig
@@ -79,7 +80,9 @@ def test_status_json_all_done(clip_ws):
     proc = talk("status", ws, "--json", check=True)
     states = {s["name"]: s["state"] for s in json.loads(proc.stdout)["stages"]}
     assert states == {"probe": "done", "detect": "done", "frames": "done", "landmarks": "done", "matting": "done",
-                      "facefit": "done", "audio": "done", "audio_features": "done"}
+                      "facefit": "done", "audio": "done", "audio_features": "done",
+                      # not trained yet: the avatar and the motion model are missing
+                      "train_r2talker": "missing", "train_motion": "missing"}
 
 
 def test_second_run_skips_quickly_and_changes_nothing(clip_ws):
@@ -106,10 +109,13 @@ def _copy_ws(clip_ws, tmp_path) -> tuple[Path, Path]:
 
 def test_touching_the_input_redoes_everything(clip_ws, tmp_path):
     video, ws = _copy_ws(clip_ws, tmp_path)
-    assert all(s["state"] == "done" for s in json.loads(talk("status", ws, "--json").stdout)["stages"])
+    pre = set(CODE_VERSIONS)  # the preprocess stages (train stages are missing: nothing trained)
+    assert all(s["state"] == "done" for s in json.loads(talk("status", ws, "--json").stdout)["stages"]
+               if s["name"] in pre)
     st = video.stat()
     os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
-    states = {s["name"]: s["state"] for s in json.loads(talk("status", ws, "--json").stdout)["stages"]}
+    states = {s["name"]: s["state"] for s in json.loads(talk("status", ws, "--json").stdout)["stages"]
+              if s["name"] in pre}
     assert set(states.values()) == {"stale"}
     summary = json.loads(talk("preprocess", video, "-w", ws, "--size", SIZE, "--json", check=True).stdout)
     assert not any(s["skipped"] for s in summary["stages"].values())
