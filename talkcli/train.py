@@ -91,12 +91,20 @@ class RaySampler:
     def frames(self, count: int) -> np.ndarray:
         return self.rng.choice(self.train_idx, size=count, replace=len(self.train_idx) < count)
 
-    def pixels(self, frame: int, count: int, head_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    def pixels(self, frame: int, count: int, head_fraction: float, mouth_fraction: float = 0.0,
+               mouth_side: int = 0) -> tuple[np.ndarray, np.ndarray]:
         s = self.data.size
+        n_mouth = int(round(count * mouth_fraction)) if mouth_side else 0
         n_head = int(round(count * head_fraction))
         x0, y0, x1, y1 = self.data.head_box[frame]
-        u = np.concatenate([self.rng.integers(x0, x1, n_head), self.rng.integers(0, s, count - n_head)])
-        v = np.concatenate([self.rng.integers(y0, y1, n_head), self.rng.integers(0, s, count - n_head)])
+        cx, cy = self.data.mouth_center[frame]
+        mx0, my0 = int(np.clip(cx - mouth_side / 2, 0, s - 1)), int(np.clip(cy - mouth_side / 2, 0, s - 1))
+        mx1, my1 = min(s, mx0 + mouth_side), min(s, my0 + mouth_side)
+        rest = count - n_head - n_mouth
+        u = np.concatenate([self.rng.integers(x0, x1, n_head), self.rng.integers(mx0, max(mx1, mx0 + 1), n_mouth),
+                            self.rng.integers(0, s, rest)])
+        v = np.concatenate([self.rng.integers(y0, y1, n_head), self.rng.integers(my0, max(my1, my0 + 1), n_mouth),
+                            self.rng.integers(0, s, rest)])
         return u, v
 
     def patch(self, frame: int, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +244,7 @@ class Trainer:
             elif torso:
                 u, v = self.sampler.pixels(f, per, 0.0)
             else:
-                u, v = self.sampler.pixels(f, per, t.head_ray_fraction)
+                u, v = self.sampler.pixels(f, per, t.head_ray_fraction, t.mouth_ray_fraction, self.lips_patch)
             us.append(u)
             vs.append(v)
             idx.append(np.full(len(u), b))

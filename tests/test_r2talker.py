@@ -220,3 +220,20 @@ def test_train_names_the_missing_preprocess_stage(ws128, tmp_path):
     assert proc.returncode == 1
     assert "matting" in proc.stderr and "talk preprocess" in proc.stderr and "Traceback" not in proc.stderr
     assert not (ws / "models").exists()
+
+
+def test_ray_sampler_oversamples_head_and_mouth(ws128):
+    from talkcli.train import RaySampler
+
+    data = load_subject(Workspace(ws128), 64)
+    s = RaySampler(data, np.arange(10), seed=0)
+    f = 5
+    u, v = s.pixels(f, 1000, 0.5, 0.2, 12)
+    assert len(u) == len(v) == 1000 and u.min() >= 0 and u.max() < 64 and v.max() < 64
+    x0, y0, x1, y1 = data.head_box[f]
+    assert ((u[:500] >= x0) & (u[:500] < x1) & (v[:500] >= y0) & (v[:500] < y1)).all()
+    cx, cy = data.mouth_center[f]
+    mouth = u[500:700], v[500:700]
+    assert (np.abs(mouth[0] - cx) <= 7).all() and (np.abs(mouth[1] - cy) <= 7).all()
+    pu, pv = s.patch(f, 12)
+    assert len(pu) == 144 and len(set(zip(pu.tolist(), pv.tolist()))) == 144

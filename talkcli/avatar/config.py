@@ -68,6 +68,7 @@ class TrainConfig:
     rays: int = 4096              # rays per iteration
     frames_per_batch: int = 4     # rays come from this many frames per iteration
     head_ray_fraction: float = 0.5  # share of rays drawn inside the head box (oversampling)
+    mouth_ray_fraction: float = 0.0  # share drawn in the lip patch around the mouth (articulation)
     lr: float = 1e-2              # hash tables
     lr_net: float = 1e-3          # MLPs
     weight_decay: float = 1e-6
