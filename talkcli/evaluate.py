@@ -78,6 +78,17 @@ def run(ws: Workspace, sample_images: int = 3) -> dict:
         raise UsageError("this avatar was trained on every frame (train.holdout_fraction = 0): "
                          "nothing is held out to evaluate on")
     window = preset.model.window
+    from .avatar.lpips import load_lpips
+
+    lp = load_lpips()
+
+    def lpips_of(a: np.ndarray, b: np.ndarray) -> float:
+        ta, tb = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).permute(2, 0, 1)[None] for x in (a, b))
+        if ta.shape[-1] < 64:
+            ta, tb = (torch.nn.functional.interpolate(x, size=64, mode="bilinear", align_corners=False) for x in (ta, tb))
+        with torch.no_grad():
+            return float(lp(ta, tb)[0])
+
     rows = {"avatar": [], "retrieval": []}
     renders, baselines = [], []
     lmk_train = data.landmarks[train].reshape(len(train), -1)
@@ -98,8 +109,11 @@ def run(ws: Workspace, sample_images: int = 3) -> dict:
                 ref_pts = det_real(gt)
                 for name, pred, det in (("avatar", img, det_avatar), ("retrieval", base, det_base)):
                     mouth, full = _lmd(det(pred), ref_pts)
-                    rows[name].append({"frame": int(f), "psnr": psnr(pred, gt), "ssim": ssim(pred, gt),
-                                       "lmd_mouth": mouth, "lmd_face": full})
+                    row = {"frame": int(f), "psnr": psnr(pred, gt), "ssim": ssim(pred, gt), "lmd_mouth": mouth,
+                           "lmd_face": full}
+                    if lp is not None:
+                        row["lpips"] = lpips_of(pred, gt)
+                    rows[name].append(row)
                 renders.append(img)
                 baselines.append(base)
                 bar.advance()
@@ -122,7 +136,8 @@ def run(ws: Workspace, sample_images: int = 3) -> dict:
         vals = np.array([r[key] for r in rows[name]], dtype=np.float64)
         return round(float(np.nanmean(vals)), 4) if np.isfinite(vals).any() else float("nan")
 
-    table = {name: {key: mean(name, key) for key in ("psnr", "ssim", "lmd_mouth", "lmd_face")} for name in rows}
+    keys = ("psnr", "ssim", "lmd_mouth", "lmd_face") + (("lpips",) if lp is not None else ())
+    table = {name: {key: mean(name, key) for key in keys} for name in rows}
     table["avatar"]["fps"] = round(len(hold) / render_seconds, 2)
     table["avatar"]["fps_512"] = round(fps512, 2)
     out = ws.path(EVAL_DIR)
@@ -139,7 +154,8 @@ def run(ws: Workspace, sample_images: int = 3) -> dict:
         write_image(tmp, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     result = {"workspace": str(ws.root), "model": "r2talker", "preset": preset.name, "size": data.size,
               "holdout_frames": [int(hold[0]), int(hold[-1])], "train_frames": int(len(train)),
-              "metrics": table, "lpips": "not measured (no LPIPS weights configured)",
+              "metrics": table,
+              "lpips": "measured (AlexNet LPIPS)" if lp is not None else "not measured (no LPIPS weights configured)",
               "per_frame": rows, "samples": str(out / "samples.png")}
     write_json(out / "results.json", result)
     return result

@@ -144,6 +144,12 @@ class Trainer:
         self.out = ws.path(MODEL_DIR)
         self.log_rows: list[dict] = []
         self.lips_patch = min(t.lips_patch, data.size)
+        from .avatar.lpips import load_lpips
+
+        self.lpips = load_lpips() if t.lips_start < 1.0 else None
+        if t.lips_start < 1.0:
+            progress.info("lips fine-tuning: " + ("MSE + LPIPS on lip patches" if self.lpips is not None else
+                          "no LPIPS weights configured (talk info), so MSE + (1 - SSIM) on lip patches stands in"))
         # tensors used every iteration
         self.images = data.images  # uint8, indexed per batch
         self.bg = torch.from_numpy(data.background)
@@ -295,8 +301,12 @@ class Trainer:
                 p = self.lips_patch
                 pred = res.rgb.reshape(n_frames, p, p, 3).permute(0, 3, 1, 2)
                 ref = gt.reshape(n_frames, p, p, 3).permute(0, 3, 1, 2)
-                # LPIPS needs weights that are not bundled: 1 - SSIM stands in (docs/avatar.md)
-                if p >= 11:
+                if self.lpips is not None:  # AlexNet needs >= 32 px: small patches are upsampled
+                    if p < 64:
+                        pred, ref = (torch.nn.functional.interpolate(im, size=64, mode="bilinear", align_corners=False)
+                                     for im in (pred, ref))
+                    loss = loss + t.lpips_weight * self.lpips(pred, ref).mean()
+                elif p >= 11:  # without LPIPS weights (not bundled): 1 - SSIM stands in (docs/avatar.md)
                     loss = loss + t.lpips_weight * (1 - ssim_map(pred, ref).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()

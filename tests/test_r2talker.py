@@ -237,3 +237,18 @@ def test_ray_sampler_oversamples_head_and_mouth(ws128):
     assert (np.abs(mouth[0] - cx) <= 7).all() and (np.abs(mouth[1] - cy) <= 7).all()
     pu, pv = s.patch(f, 12)
     assert len(pu) == 144 and len(set(zip(pu.tolist(), pv.tolist()))) == 144
+
+
+def test_lips_phase_uses_lpips_when_its_weights_are_given(ws128, tmp_path, monkeypatch):
+    from test_lpips import write_weights
+
+    write_weights(tmp_path)
+    monkeypatch.setenv("TALKCLI_LPIPS", str(tmp_path))
+    preset = load_preset("r2talker-tiny", ["train.iterations=12", "train.torso_iterations=0", "train.lips_start=0.5"])
+    tr = _trainer(_copy(ws128, tmp_path / "c"), preset)
+    assert tr.lpips is not None and tr.in_lips(6) and not tr.in_lips(5)
+    calls = []
+    real = tr.lpips.forward
+    tr.lpips.forward = lambda a, b: calls.append(a.shape) or real(a, b)
+    r = tr.step(6)
+    assert r["phase"] == "lips" and calls and calls[0][-1] == 64 and np.isfinite(r["loss"])
