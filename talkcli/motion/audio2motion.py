@@ -149,6 +149,21 @@ def _sync_score(pred_offsets: np.ndarray, true_offsets: np.ndarray, mean_err: fl
     return _mouth_err(pred_offsets, true_offsets) / max(mean_err, 1e-9) - corr
 
 
+def _cv_score(x: np.ndarray, ys: np.ndarray, fold: np.ndarray, folds: int, smoothing: float, predict) -> float:
+    """Mean ``_sync_score`` over the folds of ``predict(x_train, y_train, x_test) -> offsets``, with
+    the features standardised on each fold's training part and the prediction smoothed in time."""
+    err = []
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        if te.sum() == 0 or tr.sum() < 2:
+            continue
+        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
+        pred = gaussian_smooth(predict((x[tr] - mu) / sd, ys[tr], (x[te] - mu) / sd), smoothing)
+        base = _mouth_err(np.broadcast_to(ys[tr].mean(0), ys[te].shape), ys[te])
+        err.append(_sync_score(pred, ys[te], base))
+    return float(np.mean(err))
+
+
 def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(), progress_bar=None) -> MotionModel:
     """Select the setting by cross-validation on the ``use`` frames, then fit on all of them."""
     ys = np.concatenate([d.offsets[d.use].reshape(len(d.use), -1) for d in datasets]).astype(np.float64)
@@ -163,33 +178,18 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(), progress
         for k in cfg.components if "ridge" in cfg.kinds else ():
             basis = vt[: min(k, vt.shape[0])]
             for lam in cfg.ridge:
+
+                def ridge(xtr, ytr, xte, basis=basis, lam=lam):
+                    w = _ridge(xtr, (ytr - offset_mean) @ basis.T, lam)
+                    return offset_mean + (xte @ w[:-1] + w[-1]) @ basis
+
                 for sm in cfg.smoothing:
-                    err = []
-                    for f in range(cfg.folds):
-                        tr, te = fold != f, fold == f
-                        if te.sum() == 0 or tr.sum() < 2:
-                            continue
-                        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
-                        w = _ridge((x[tr] - mu) / sd, (ys[tr] - offset_mean) @ basis.T, lam)
-                        xt = (x[te] - mu) / sd
-                        coef = gaussian_smooth(xt @ w[:-1] + w[-1], sm)
-                        base = _mouth_err(np.broadcast_to(ys[tr].mean(0), ys[te].shape), ys[te])
-                        err.append(_sync_score(offset_mean + coef @ basis, ys[te], base))
-                    score = float(np.mean(err))
+                    score = _cv_score(x, ys, fold, cfg.folds, sm, ridge)
                     if best is None or score < best[0]:
                         best = (score, bands, context, k, lam, sm)
         for nb in cfg.neighbours if "knn" in cfg.kinds else ():
             for sm in cfg.smoothing:
-                err = []
-                for f in range(cfg.folds):
-                    tr, te = fold != f, fold == f
-                    if te.sum() == 0 or tr.sum() < 2:
-                        continue
-                    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
-                    pred = gaussian_smooth(_knn((x[tr] - mu) / sd, ys[tr], (x[te] - mu) / sd, nb), sm)
-                    base = _mouth_err(np.broadcast_to(ys[tr].mean(0), ys[te].shape), ys[te])
-                    err.append(_sync_score(pred, ys[te], base))
-                score = float(np.mean(err))
+                score = _cv_score(x, ys, fold, cfg.folds, sm, lambda xtr, ytr, xte, nb=nb: _knn(xtr, ytr, xte, nb))
                 if best is None or score < best[0]:
                     best = (score, bands, context, -nb, 0.0, sm)
         if progress_bar is not None:
