@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from . import __version__, progress
+from . import progress
 from .errors import TalkError
 
 app = typer.Typer(

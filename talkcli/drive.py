@@ -15,7 +15,7 @@ import numpy as np
 
 from . import progress
 from .errors import InputError, UsageError
-from .workspace import Workspace, atomic_path
+from .workspace import Workspace, atomic_path, read_json
 
 POSE_MODES = ("still", "loop", "source")
 
@@ -58,17 +58,13 @@ def _subject(ws: Workspace):
     """The subject's tracked landmarks, poses, usable frames, neutral shape and face scale."""
     from .avatar.data import check_preprocessed
     from .motion.audio2motion import face_scale
-    from .motion.stage import subject_landmarks
+    from .avatar.data import subject_landmarks
 
     check_preprocessed(ws)
     lmk, ok = subject_landmarks(ws)
     fit = np.load(ws.path("facefit.npz"))
     frames = np.flatnonzero(ok)
-    fps = float(np.load(ws.path("audio/features.npz"))["fps"]) if ws.path("audio/features.npz").is_file() else None
-    if fps is None:
-        import json
-
-        fps = float(json.loads(ws.path("frames/frames.json").read_text())["fps"])
+    fps = float(read_json(ws.path("frames/frames.json"))["fps"])  # the working rate every stage uses
     return lmk, fit["rotation"].astype(np.float32), fit["translation"].astype(np.float32), frames, \
         lmk[frames].mean(0), face_scale(lmk[frames]), fps
 

@@ -78,16 +78,14 @@ def run(ws: Workspace, sample_images: int = 3) -> dict:
         raise UsageError("this avatar was trained on every frame (train.holdout_fraction = 0): "
                          "nothing is held out to evaluate on")
     window = preset.model.window
-    from .avatar.lpips import load_lpips
+    from .avatar.lpips import at_least_64, load_lpips
 
     lp = load_lpips()
 
     def lpips_of(a: np.ndarray, b: np.ndarray) -> float:
         ta, tb = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).permute(2, 0, 1)[None] for x in (a, b))
-        if ta.shape[-1] < 64:
-            ta, tb = (torch.nn.functional.interpolate(x, size=64, mode="bilinear", align_corners=False) for x in (ta, tb))
         with torch.no_grad():
-            return float(lp(ta, tb)[0])
+            return float(lp(*at_least_64(ta, tb))[0])
 
     rows = {"avatar": [], "retrieval": []}
     renders, baselines = [], []

@@ -27,11 +27,12 @@ import torch
 from . import __version__, progress
 from .avatar.config import Preset, preset_from_dict
 from .avatar.data import HEAD, TORSO, SubjectData, head_aabb, landmark_box, load_subject, windows
+from .avatar.lpips import at_least_64, load_lpips
 from .avatar.metrics import psnr, ssim_map
 from .avatar.r2talker import R2Talker
 from .avatar.render import render_frame, render_rays
 from .avatar.torso import pose_vector
-from .errors import InputError, TalkError
+from .errors import InputError
 from .workspace import Workspace, atomic_path, run_stage, write_json
 
 MODEL_DIR = "models/r2talker"
@@ -144,8 +145,6 @@ class Trainer:
         self.out = ws.path(MODEL_DIR)
         self.log_rows: list[dict] = []
         self.lips_patch = min(t.lips_patch, data.size)
-        from .avatar.lpips import load_lpips
-
         self.lpips = load_lpips() if t.lips_start < 1.0 else None
         if t.lips_start < 1.0:
             progress.info("lips fine-tuning: " + ("MSE + LPIPS on lip patches" if self.lpips is not None else
@@ -301,11 +300,8 @@ class Trainer:
                 p = self.lips_patch
                 pred = res.rgb.reshape(n_frames, p, p, 3).permute(0, 3, 1, 2)
                 ref = gt.reshape(n_frames, p, p, 3).permute(0, 3, 1, 2)
-                if self.lpips is not None:  # AlexNet needs >= 32 px: small patches are upsampled
-                    if p < 64:
-                        pred, ref = (torch.nn.functional.interpolate(im, size=64, mode="bilinear", align_corners=False)
-                                     for im in (pred, ref))
-                    loss = loss + t.lpips_weight * self.lpips(pred, ref).mean()
+                if self.lpips is not None:
+                    loss = loss + t.lpips_weight * self.lpips(*at_least_64(pred, ref)).mean()
                 elif p >= 11:  # without LPIPS weights (not bundled): 1 - SSIM stands in (docs/avatar.md)
                     loss = loss + t.lpips_weight * (1 - ssim_map(pred, ref).mean())
         opt.zero_grad(set_to_none=True)
@@ -320,12 +316,11 @@ class Trainer:
     def _render(self, u, v, index, fr, cond, bg, jitter, torso: bool, head_grad: bool):
         m = self.model
         d = self.data
-        ctx = torch.enable_grad() if head_grad else torch.no_grad()
         pose = self.poses[fr] if torso else None
         if head_grad:
             return render_rays(m, self.rot[fr], self.tr[fr], u, v, d.focal, d.cx, d.cy, cond, index, bg, pose,
                                d.size, jitter)
-        with ctx:  # torso phase: the head is fixed; only the torso gets gradients
+        with torch.no_grad():  # torso phase: the head is fixed; only the torso gets gradients
             head = render_rays(m, self.rot[fr], self.tr[fr], u, v, d.focal, d.cx, d.cy, cond, index, bg, None,
                                d.size, jitter)
         uv = torch.stack([(u + 0.5) / d.size, (v + 0.5) / d.size], dim=-1)
@@ -494,11 +489,7 @@ def run(ws: Workspace, preset: Preset, *, force: bool = False) -> dict:
             ckpt.unlink()
         return {**summary, "resumed": resumed, "preset": preset.name}
 
-    try:
-        res = run_stage(ws, "train_r2talker", code_version=CODE_VERSION, config=preset.to_dict(), inputs=upstream,
-                        outputs=[MODEL_FILE, f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/train_log.csv"], fn=fn,
-                        force=force)
-    except TalkError:
-        raise
+    res = run_stage(ws, "train_r2talker", code_version=CODE_VERSION, config=preset.to_dict(), inputs=upstream,
+                    outputs=[MODEL_FILE, f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/train_log.csv"], fn=fn, force=force)
     return {"workspace": str(ws.root), "model": str(ws.path(MODEL_FILE)), "skipped": res.skipped,
             "preset": preset.name, **res.record.get("summary", {}), "wall_seconds": round(time.time() - started, 1)}

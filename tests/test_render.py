@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import CLIP, FIXTURES, VFR_CLIP, WAV_16K, WAV_24BIT, talk
+from conftest import CLIP, VFR_CLIP, WAV_16K, WAV_24BIT, talk
 from talkcli.motion.pose import add_blinks, ping_pong, poses
 
 TINY = ("--preset", "r2talker-tiny", "--set", "train.iterations=150", "--set", "train.torso_iterations=30")

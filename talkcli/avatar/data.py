@@ -113,10 +113,8 @@ def load_subject(ws: Workspace, size: int) -> SubjectData:
     lms = np.load(ws.path("landmarks.npz"))
     scale = size / src
     idx68 = lms["ibug68_index"].astype(np.int64)
-    landmarks = fit["landmarks3d"][:, idx68].astype(np.float32)
+    landmarks, train_ok = tracked_landmarks(fit, idx68)
     proj = fit["projected"][:, idx68] * scale
-    train_ok = fit["train"].astype(bool) & np.isfinite(landmarks).all(axis=(1, 2))
-    landmarks = _fill_gaps(landmarks, train_ok)
     mouth = np.nan_to_num(np.nanmean(proj[:, MOUTH], axis=1), nan=size / 2)
     head_box = np.empty((n, 4), np.int64)
     for i in range(n):
@@ -127,6 +125,20 @@ def load_subject(ws: Workspace, size: int) -> SubjectData:
         rotation=fit["rotation"].astype(np.float32), translation=fit["translation"].astype(np.float32),
         focal=float(fit["focal"]) * scale, cx=float(fit["cx"]) * scale, cy=float(fit["cy"]) * scale,
         landmarks=landmarks, train_ok=train_ok, head_box=head_box, mouth_center=mouth.astype(np.float32))
+
+
+def tracked_landmarks(fit, idx68: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 68, 3) pose-normalised landmarks of a face fit (head frame, metres; untracked frames
+    filled from the nearest tracked one) and the (T,) usable-for-training flags."""
+    lmk = fit["landmarks3d"][:, idx68].astype(np.float32)
+    ok = fit["train"].astype(bool) & np.isfinite(lmk).all(axis=(1, 2))
+    return _fill_gaps(lmk, ok), ok
+
+
+def subject_landmarks(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """``tracked_landmarks`` of a workspace's facefit.npz."""
+    idx68 = np.load(ws.path("landmarks.npz"))["ibug68_index"].astype(np.int64)
+    return tracked_landmarks(np.load(ws.path("facefit.npz")), idx68)
 
 
 def _fill_gaps(lmk: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -50,6 +50,13 @@ class LPIPS(nn.Module):
         return total
 
 
+def at_least_64(*images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(N, 3, H, W) images bilinearly upsampled to 64 px when smaller (AlexNet needs >= 32 px)."""
+    if images[0].shape[-1] >= 64:
+        return images
+    return tuple(F.interpolate(im, size=64, mode="bilinear", align_corners=False) for im in images)
+
+
 def load_lpips() -> LPIPS | None:
     """LPIPS when its two files are configured (``talk info`` shows where), else None."""
     from ..models import OPTIONAL_MODELS, check, model_dir

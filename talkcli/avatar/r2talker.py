@@ -140,12 +140,3 @@ class R2Talker(nn.Module):
             return
         step = max(1, round(every * total / 240_000))
         self.active_levels.fill_(min(m.pos_levels, m.start_levels + iteration // step))
-
-    def parameter_groups(self, lr: float, lr_net: float) -> list[dict]:
-        """Hash tables at ``lr``, networks at ``lr_net`` (Instant-NGP / RAD-NeRF practice); no weight
-        decay on the tables."""
-        tables = [p for n, p in self.named_parameters() if n.endswith("table") or n.endswith("grid.table")]
-        ids = {id(p) for p in tables}
-        nets = [p for p in self.parameters() if id(p) not in ids]
-        return [{"params": tables, "lr": lr, "base_lr": lr, "weight_decay": 0.0},
-                {"params": nets, "lr": lr_net, "base_lr": lr_net}]

@@ -23,9 +23,6 @@ from ..errors import InputError, UsageError
 from ..workspace import Workspace
 from .audio2motion import face_scale
 
-IBUG68 = None
-
-
 def _ibug68() -> np.ndarray:
     from ..preprocess.facemodel.mesh import IBUG68 as idx
 
@@ -122,7 +119,7 @@ def from_workspace(other: Workspace) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """Cross-reenactment: another subject's tracked offsets (T, 68, 3), its poses (rotation,
     translation) and its audio (when it has one)."""
     from ..avatar.data import check_preprocessed
-    from .stage import subject_landmarks
+    from ..avatar.data import subject_landmarks
 
     check_preprocessed(other)
     lmk, _ = subject_landmarks(other)

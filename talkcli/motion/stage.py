@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import progress
-from ..avatar.data import check_preprocessed
+from ..avatar.data import check_preprocessed, subject_landmarks
 from ..errors import InputError
 from ..workspace import Workspace, atomic_path, run_stage, write_json
 from .audio2motion import (MotionConfig, MotionData, MotionModel, audio_windows, face_scale, fit, mouth_error,
@@ -28,18 +28,6 @@ MOTION_FILE = "models/motion/motion.pt"
 MOTION_EVAL = "models/motion/eval.json"
 CODE_VERSION = 2
 UPSTREAM = ("landmarks", "facefit", "audio_features")
-
-
-def subject_landmarks(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
-    """(T, 68, 3) pose-normalised landmarks (head frame, metres; untracked frames filled from the
-    nearest tracked one) and the (T,) usable-for-training flags."""
-    from ..avatar.data import _fill_gaps
-
-    fit_npz = np.load(ws.path("facefit.npz"))
-    idx68 = np.load(ws.path("landmarks.npz"))["ibug68_index"].astype(np.int64)
-    lmk = fit_npz["landmarks3d"][:, idx68].astype(np.float32)
-    ok = fit_npz["train"].astype(bool) & np.isfinite(lmk).all(axis=(1, 2))
-    return _fill_gaps(lmk, ok), ok
 
 
 def subject_data(ws: Workspace, holdout_fraction: float, name: str | None = None):
