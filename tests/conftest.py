@@ -40,3 +40,31 @@ def talk(*args: str, check: bool = False, timeout: float = 300) -> subprocess.Co
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """The native CPU kernels (tests of an op skip when they cannot be built here)."""
+    from talkcli.errors import NotAvailable
+    from talkcli.ops import _native
+
+    try:
+        return _native.load("cpu")
+    except NotAvailable as exc:
+        pytest.skip(f"native kernels unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def cuda_ext():
+    """The native CUDA kernels, or a skip without a CUDA device."""
+    import torch
+
+    from talkcli.errors import NotAvailable
+    from talkcli.ops import _native
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    try:
+        return _native.load("cuda")
+    except NotAvailable as exc:
+        pytest.skip(f"CUDA kernels unavailable: {exc}")

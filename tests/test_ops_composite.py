@@ -9,17 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from talkcli.errors import NotAvailable
 from talkcli.ops import _native, use_backend
 from talkcli.ops.composite import Composited, composite, composite_reference, ray_indices_from_offsets
-
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        return _native.load("cpu")
-    except NotAvailable as exc:
-        pytest.skip(f"native kernels unavailable: {exc}")
-
 
 def offsets_from_counts(counts: list[int], device="cpu") -> torch.Tensor:
     off = torch.zeros(len(counts) + 1, dtype=torch.int64)
@@ -202,13 +193,7 @@ def test_bad_inputs(ext):
         composite_reference(sigmas, rgbs.double(), deltas, ts, off)
 
 
-def test_cuda_matches_reference():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    try:
-        _native.load("cuda")
-    except NotAvailable as exc:
-        pytest.skip(f"CUDA kernels unavailable: {exc}")
+def test_cuda_matches_reference(cuda_ext):
     inputs = make_samples(ODD_COUNTS, 3, seed=21)
     up = upstream_grads(37, 3, seed=22)
     ref, ref_ds, ref_dc = run(composite_reference, *inputs, up)

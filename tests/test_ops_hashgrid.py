@@ -9,20 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from talkcli.errors import NotAvailable
-from talkcli.ops import _native, use_backend
+from talkcli.ops import use_backend
 from talkcli.ops.hashgrid import HashGrid, hash_encode, hash_encode_reference
 from talkcli.ops.hashspec import HashGridSpec, pos_fract
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-
-
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        return _native.load("cpu")
-    except NotAvailable as exc:
-        pytest.skip(f"native kernels not available: {exc}")
 
 
 def small_spec(dims: int, features: int, levels: int = 6) -> HashGridSpec:

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from talkcli.errors import NotAvailable
-from talkcli.ops import _native, hashspec, use_backend
+from talkcli.ops import hashspec, use_backend
 from talkcli.ops.hashgrid_batched import (MONOAVATAR_SPEC, BatchedHashGrids, batched_hash_encode,
                                           batched_hash_encode_reference)
 from talkcli.ops.hashspec import HashGridSpec
@@ -26,14 +25,6 @@ SPEC_2D = HashGridSpec(dims=2, levels=3, features=4, log2_table=7, base_resoluti
 # Tiny grids for gradcheck (one numerical derivative per table entry): a dense and a hashed level.
 GC_SPEC4 = HashGridSpec(dims=3, levels=2, features=4, log2_table=4, base_resolution=2.0, finest_resolution=6.0)
 GC_SPEC2 = HashGridSpec(dims=3, levels=3, features=2, log2_table=5, base_resolution=2.0, finest_resolution=9.0)
-
-
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        return _native.load("cpu")
-    except NotAvailable as exc:
-        pytest.skip(f"native kernels unavailable: {exc}")
 
 
 def make_inputs(q: int, v: int, m: int, spec: HashGridSpec, seed: int, dtype=torch.float32, used=None):
@@ -294,13 +285,7 @@ def test_cuda_kernel_compiles(tmp_path):
         assert out.stat().st_size > 0
 
 
-def test_cuda_matches_cpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    try:
-        _native.load("cuda")
-    except NotAvailable as exc:
-        pytest.skip(f"CUDA kernels unavailable: {exc}")
+def test_cuda_matches_cpu(cuda_ext):
     for spec, dtype in ((SPEC4, torch.float32), (SPEC2, torch.float64)):
         x, item, tables = make_inputs(997, 13, 3, spec, seed=18, dtype=dtype)
         mask = torch.tensor([True, False] + [True] * (spec.levels - 2))

@@ -14,19 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from talkcli.errors import NotAvailable
-from talkcli.ops import _native, use_backend
+from talkcli.ops import use_backend
 from talkcli.ops import knn
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-
-
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        return _native.load("cpu")
-    except NotAvailable as exc:
-        pytest.skip(f"native kernels unavailable: {exc}")
 
 
 def face_surface(n: int, gen: torch.Generator, radius: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,13 +322,7 @@ def test_cuda_kernels_compile(tmp_path):
     assert out.stat().st_size > 0
 
 
-def test_cuda_matches_cpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    try:
-        _native.load("cuda")
-    except NotAvailable as exc:
-        pytest.skip(f"CUDA kernels unavailable: {exc}")
+def test_cuda_matches_cpu(cuda_ext):
     for dtype in (torch.float32, torch.float64):
         verts = face_verts(2000, seed=25, dtype=dtype)
         spec = knn.KnnGridSpec()
