@@ -224,19 +224,27 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON on st
 # --------------------------------------------------------------------------- train / eval
 
 
-def _default_preset() -> str:
+def _default_preset(model: str = "r2talker") -> str:
     import torch
 
-    return "r2talker-paper" if torch.cuda.is_available() else "r2talker-cpu"
+    return f"{model}-paper" if torch.cuda.is_available() else f"{model}-cpu"
+
+
+def _check_model(model: str) -> None:
+    from .errors import UsageError
+    from .train import AVATARS
+
+    if model not in AVATARS:
+        raise UsageError(f"--model {model}: choose one of {', '.join(AVATARS)}")
 
 
 @app.command()
 def train(
     workspace: Path = typer.Argument(..., help="A workspace made by `talk preprocess`."),
-    model: str = typer.Option("r2talker", "--model", help="Avatar model: r2talker."),
+    model: str = typer.Option("r2talker", "--model", help="Avatar model: r2talker or meshhash."),
     preset: Optional[str] = typer.Option(None, "--preset",
-                                         help="Preset name (presets/*.toml) or path [default: r2talker-paper "
-                                              "with a GPU, r2talker-cpu without]."),
+                                         help="Preset name (presets/*.toml) or path [default: MODEL-paper "
+                                              "with a GPU, MODEL-cpu without]."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset field: section.field=value "
                                    "(e.g. train.iterations=2000). Repeatable."),
     force: bool = typer.Option(False, "--force", help="Train from scratch even if a model or checkpoint exists."),
@@ -249,9 +257,10 @@ def train(
         from .errors import UsageError
         from .workspace import Workspace
 
-        if model != "r2talker":
-            raise UsageError(f"--model {model}: this version trains r2talker")
-        cfg = load_preset(preset or _default_preset(), tuple(set_))
+        _check_model(model)
+        cfg = load_preset(preset or _default_preset(model), tuple(set_))
+        if cfg.avatar != model:
+            raise UsageError(f"preset {cfg.name} is a {cfg.avatar} preset; give --model {cfg.avatar} or a {model} preset")
         ws = Workspace(workspace)
         check_preprocessed(ws)
         from . import train as train_stage
@@ -373,6 +382,7 @@ def render(
                                         "into the subject's own frames: dubbing)."),
     size: Optional[int] = typer.Option(None, "--size", help="Output size in pixels [default: the training size]."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (0-51, lower is better)."),
+    model: str = typer.Option("r2talker", "--model", help="Which trained avatar renders: r2talker or meshhash."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="MP4 to write [default: renders/<name>.mp4]."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -382,13 +392,15 @@ def render(
         from . import render as render_stage
         from .avatar.data import check_preprocessed
         from .errors import UsageError
-        from .train import MODEL_FILE
+        from .train import model_file
         from .workspace import Workspace
 
+        _check_model(model)
         ws = Workspace(workspace)
         check_preprocessed(ws)
-        if not ws.path(MODEL_FILE).is_file():
-            raise TalkError(f"no trained avatar in {workspace}; run `talk train {workspace}` first")
+        if not ws.path(model_file(model)).is_file():
+            flag = "" if model == "r2talker" else f" --model {model}"
+            raise TalkError(f"no trained {model} avatar in {workspace}; run `talk train {workspace}{flag}` first")
         if output is not None and output.suffix.lower() != ".mp4":
             raise UsageError(f"-o {output}: the output is an .mp4 file")
         with ws.locked(f"talk render {workspace}"):
@@ -403,7 +415,7 @@ def render(
                                             "source_ws": Workspace(from_) if from_ else None}) if track is None \
                 else track.stem
             out = output or ws.path(f"renders/{name}.mp4")
-            summary = render_stage.run(ws, trk, out, size=size, crf=crf, background=background)
+            summary = render_stage.run(ws, trk, out, size=size, crf=crf, background=background, model_kind=model)
         if as_json:
             _emit_json(summary)
         else:

@@ -3,7 +3,8 @@ subject. The track is what ``talk render`` renders:
 
     tracks/<name>.npz   landmarks (T, 68, 3) in the subject's head frame (metres), rotation (T, 3, 3),
                         translation (T, 3), fps, seconds (the audio's length; T = round(seconds * fps)),
-                        audio (path of the sound to mux, '' for none), source (what drove it), pose
+                        audio (path of the sound to mux, '' for none), source (what drove it), pose,
+                        mesh (T, 478, 3): the whole face mesh (for the meshhash avatar; optional)
 """
 
 from __future__ import annotations
@@ -30,17 +31,28 @@ class Track:
     audio: str
     source: str
     pose: str
+    mesh: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:
         return int(self.landmarks.shape[0])
+
+    def meshes(self, ws: Workspace) -> np.ndarray:
+        """(T, 478, 3) face meshes: the track's own, or fitted to its landmarks by the subject's
+        face model (``motion.mesh``)."""
+        if self.mesh is None:
+            from .motion.mesh import mesh_from_landmarks
+
+            self.mesh = mesh_from_landmarks(ws, self.landmarks)
+        return self.mesh
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             np.savez(tmp, landmarks=self.landmarks, rotation=self.rotation, translation=self.translation,
                      fps=np.float64(self.fps), seconds=np.float64(self.seconds), audio=np.array(self.audio),
-                     source=np.array(self.source), pose=np.array(self.pose))
+                     source=np.array(self.source), pose=np.array(self.pose),
+                     **({"mesh": self.mesh} if self.mesh is not None else {}))
 
     @classmethod
     def load(cls, path: Path) -> "Track":
@@ -49,7 +61,7 @@ class Track:
         try:
             d = np.load(path)
             return cls(d["landmarks"], d["rotation"], d["translation"], float(d["fps"]), float(d["seconds"]),
-                       str(d["audio"]), str(d["source"]), str(d["pose"]))
+                       str(d["audio"]), str(d["source"]), str(d["pose"]), d["mesh"] if "mesh" in d else None)
         except (KeyError, ValueError, OSError) as exc:
             raise InputError(f"--track {Path(path).name} is not a talkcli track ({exc})") from None
 
@@ -122,7 +134,13 @@ def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | 
     r, t = posemod.poses(pose, n, pose_rot, pose_tr, pose_frames)
     if not sound:
         progress.warn("no sound for this track: the video will be silent (give --audio)")
-    return Track(landmarks, r, t, fps, float(seconds), sound, what, pose)
+    mesh = None
+    if source_ws is not None:  # per-vertex transfer of the other subject's expressions, frame for frame
+        from .motion.mesh import transfer_mesh
+
+        src_mesh = transfer_mesh(ws, source_ws)
+        mesh = src_mesh[np.minimum(np.arange(n), len(src_mesh) - 1)]
+    return Track(landmarks, r, t, fps, float(seconds), sound, what, pose, mesh)
 
 
 def run(ws: Workspace, out: Path | None, **kwargs) -> dict:

@@ -1,6 +1,6 @@
 """``talk render``: a motion track -> an H.264 MP4 of the subject, with the track's sound muxed.
 
-    track (landmarks, poses) --R2Talker.condition + render_frame--> RGB frames
+    track (landmarks or meshes, poses) --avatar.condition + render_frame--> RGB frames
       (head + torso over the background plate, or pasted into the subject's own frames)
       --VideoWriter (ffmpeg, streamed, atomic)--> out.mp4 with AAC audio from frame 0
 
@@ -42,18 +42,19 @@ def _paste(render: np.ndarray, frame: np.ndarray, opacity: np.ndarray) -> np.nda
 
 
 def run(ws: Workspace, track: Track, out: Path, *, size: int | None = None, crf: int = 18,
-        background: str = "plate") -> dict:
+        background: str = "plate", model_kind: str = "r2talker") -> dict:
     import cv2
 
-    from .avatar.data import load_subject, windows
+    from .avatar.data import load_subject
     from .avatar.render import render_frame
     from .media.encode import VideoWriter
     from .motion.pose import ping_pong
-    from .train import MODEL_FILE, load_model
+    from .train import load_model, model_file
 
     if background not in BACKGROUNDS:
         raise UsageError(f"--background must be one of {', '.join(BACKGROUNDS)}")
-    model, preset, _ = load_model(ws.path(MODEL_FILE))
+    model, preset, _ = load_model(ws.path(model_file(model_kind)))
+    mesh = track.meshes(ws) if model.kind == "meshhash" else None
     train_size = preset.train.size
     size = size or train_size
     if size < 16 or size % 2:
@@ -63,7 +64,6 @@ def run(ws: Workspace, track: Track, out: Path, *, size: int | None = None, crf:
     focal, cx, cy = data.focal * k, data.cx * k, data.cy * k
     plate = cv2.resize(data.background, (size, size), interpolation=cv2.INTER_LINEAR)
     n = track.n_frames
-    window = preset.model.window
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     src_idx = ping_pong(data.n_frames, n)
@@ -71,20 +71,20 @@ def run(ws: Workspace, track: Track, out: Path, *, size: int | None = None, crf:
     with VideoWriter(out, track.fps, (size, size), audio=track.audio or None, crf=crf) as vw, \
             progress.bar("render", n, unit="frames") as bar:
         for t in range(n):
-            win = windows(n, np.array([t]), window)[0]
+            cond = model.frame_input(track.landmarks, mesh, t)
             if background == "source":
                 f = int(src_idx[t])
                 frame = cv2.resize(data.images[f], (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
-                img, op = render_frame(model, data.rotation[f], data.translation[f], track.landmarks[win], frame,
+                img, op = render_frame(model, data.rotation[f], data.translation[f], cond, frame,
                                        focal, cx, cy, torso=False)
                 img = _paste(img, frame, op)
             else:
-                img, _ = render_frame(model, track.rotation[t], track.translation[t], track.landmarks[win], plate,
+                img, _ = render_frame(model, track.rotation[t], track.translation[t], cond, plate,
                                       focal, cx, cy, torso=True)
             vw.write((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
             bar.advance()
     seconds = time.perf_counter() - t0
     return {"output": str(out), "frames": n, "fps": track.fps, "duration": round(n / track.fps, 3),
             "audio_seconds": round(track.seconds, 3), "size": size, "source": track.source, "pose": track.pose,
-            "background": background, "has_audio": bool(track.audio), "seconds": round(seconds, 2),
+            "background": background, "model": model.kind, "has_audio": bool(track.audio), "seconds": round(seconds, 2),
             "fps_achieved": round(n / seconds, 2)}

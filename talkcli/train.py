@@ -39,6 +39,12 @@ MODEL_DIR = "models/r2talker"
 MODEL_FILE = f"{MODEL_DIR}/model.pt"
 CHECKPOINT = f"{MODEL_DIR}/checkpoint.pt"
 CODE_VERSION = 1
+AVATARS = ("r2talker", "meshhash")
+
+
+def model_file(kind: str) -> str:
+    """Where the trained avatar of a model kind lives in a workspace."""
+    return f"models/{kind}/model.pt"
 UPSTREAM = ("frames", "landmarks", "matting", "facefit")
 LOG_FIELDS = ("iteration", "phase", "loss", "psnr", "lr", "levels", "samples_per_ray", "occupied", "seconds")
 
@@ -52,26 +58,34 @@ def build_model(preset: Preset, data: SubjectData, train_idx: np.ndarray) -> R2T
     return R2Talker(preset.model, head_aabb(lmk), landmark_box(data.landmarks), poses.mean(axis=0), data.size)
 
 
-def save_model(path: Path, model: R2Talker, preset: Preset, extra: dict) -> None:
-    payload = {"format": 1, "talkcli": __version__, "preset": preset.to_dict(), "aabb": model.aabb,
-               "size": model.size, "state": model.state_dict(), **extra}
+def save_model(path: Path, model, preset: Preset, extra: dict) -> None:
+    payload = {"format": 1, "talkcli": __version__, "preset": preset.to_dict(), "avatar": preset.avatar,
+               "aabb": model.aabb, "size": model.size, "state": model.state_dict(), **extra}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_model(path: Path) -> tuple[R2Talker, Preset, dict]:
+def load_model(path: Path):
     """The trained avatar in ``path`` (model.pt); errors say what to run when it is missing."""
     if not path.is_file():
-        raise InputError(f"no trained avatar at {path}; run `talk train {path.parent.parent.parent}` first")
+        kind = path.parent.name
+        flag = "" if kind == "r2talker" else f" --model {kind}"
+        raise InputError(f"no trained {kind} avatar at {path}; run `talk train {path.parent.parent.parent}{flag}` first")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - a damaged file, whatever the unpickler says
         raise InputError(f"{path} is damaged ({type(exc).__name__}); run `talk train --force` again") from exc
     preset = preset_from_dict(payload["preset"])
     state = payload["state"]
-    lmk_box = (state["lmk_lo"].numpy(), state["lmk_hi"].numpy())
-    model = R2Talker(preset.model, tuple(payload["aabb"]), lmk_box, state["torso.pose_mean"].numpy(),
-                     int(payload["size"]))
+    if payload.get("avatar", "r2talker") == "meshhash":
+        from .avatar.meshhash import MeshHashAvatar
+
+        model = MeshHashAvatar.from_init(preset.model, tuple(payload["aabb"]), payload["init"],
+                                         state["torso.pose_mean"].numpy(), int(payload["size"]))
+    else:
+        lmk_box = (state["lmk_lo"].numpy(), state["lmk_hi"].numpy())
+        model = R2Talker(preset.model, tuple(payload["aabb"]), lmk_box, state["torso.pose_mean"].numpy(),
+                         int(payload["size"]))
     model.load_state_dict(state)
     model.eval()
     return model, preset, payload
@@ -127,6 +141,9 @@ class TrainState:
 
 
 class Trainer:
+    kind = "r2talker"
+    betas = (0.9, 0.99)
+
     def __init__(self, ws: Workspace, preset: Preset, data: SubjectData, train_idx: np.ndarray,
                  hold_idx: np.ndarray, upstream: dict):
         t = preset.train
@@ -134,21 +151,17 @@ class Trainer:
         self.train_idx, self.hold_idx = train_idx, hold_idx
         self.upstream = upstream
         torch.manual_seed(t.seed)
-        self.model = build_model(preset, data, train_idx)
-        self.head_opt = torch.optim.AdamW(self._head_groups(), betas=(0.9, 0.99), eps=1e-15,
+        self.model = self.make_model()
+        self.head_opt = torch.optim.AdamW(self._head_groups(), betas=self.betas, eps=1e-15,
                                           weight_decay=t.weight_decay)
-        self.torso_opt = torch.optim.AdamW(self._torso_groups(), betas=(0.9, 0.99), eps=1e-15,
+        self.torso_opt = torch.optim.AdamW(self._torso_groups(), betas=self.betas, eps=1e-15,
                                            weight_decay=t.weight_decay)
         self.sampler = RaySampler(data, train_idx, t.seed)
         self.state = TrainState()
         self.gen = torch.Generator().manual_seed(t.seed + 1)
-        self.out = ws.path(MODEL_DIR)
+        self.out = ws.path(f"models/{self.kind}")
         self.log_rows: list[dict] = []
-        self.lips_patch = min(t.lips_patch, data.size)
-        self.lpips = load_lpips() if t.lips_start < 1.0 else None
-        if t.lips_start < 1.0:
-            progress.info("lips fine-tuning: " + ("MSE + LPIPS on lip patches" if self.lpips is not None else
-                          "no LPIPS weights configured (talk info), so MSE + (1 - SSIM) on lip patches stands in"))
+        self.setup()
         # tensors used every iteration
         self.images = data.images  # uint8, indexed per batch
         self.bg = torch.from_numpy(data.background)
@@ -156,6 +169,26 @@ class Trainer:
         self.tr = torch.from_numpy(data.translation)
         self.poses = torch.from_numpy(pose_vector(data.rotation, data.translation))
         self.lmk = torch.from_numpy(data.landmarks)
+
+    def make_model(self):
+        return build_model(self.preset, self.data, self.train_idx)
+
+    def setup(self) -> None:
+        """Model-specific state: R2-Talker's lips fine-tuning and its LPIPS network."""
+        t = self.preset.train
+        self.lips_patch = min(t.lips_patch, self.data.size)
+        self.lpips = load_lpips() if t.lips_start < 1.0 else None
+        if t.lips_start < 1.0:
+            progress.info("lips fine-tuning: " + ("MSE + LPIPS on lip patches" if self.lpips is not None else
+                          "no LPIPS weights configured (talk info), so MSE + (1 - SSIM) on lip patches stands in"))
+
+    @property
+    def table_lr(self) -> float:
+        return self.preset.train.lr
+
+    @property
+    def net_lr(self) -> float:
+        return self.preset.train.lr_net
 
     def _head_groups(self) -> list[dict]:
         t = self.preset.train
@@ -168,11 +201,10 @@ class Trainer:
                 {"params": nets, "lr": t.lr_net, "base_lr": t.lr_net}]
 
     def _torso_groups(self) -> list[dict]:
-        t = self.preset.train
         m = self.model.torso
         nets = [p for n, p in m.named_parameters() if n != "grid.table"]
-        return [{"params": [m.grid.table], "lr": t.lr, "base_lr": t.lr, "weight_decay": 0.0},
-                {"params": nets, "lr": t.lr_net, "base_lr": t.lr_net}]
+        return [{"params": [m.grid.table], "lr": self.table_lr, "base_lr": self.table_lr, "weight_decay": 0.0},
+                {"params": nets, "lr": self.net_lr, "base_lr": self.net_lr}]
 
     # ---- schedule
 
@@ -204,12 +236,17 @@ class Trainer:
                 "upstream": self.upstream, "rng": self.sampler.rng.bit_generator.state,
                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "log": self.log_rows}
 
+    def model_extra(self) -> dict:
+        """What ``load_model`` needs besides the state dict to rebuild the model."""
+        return {}
+
     def save_checkpoint(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        save_model(self.ws.path(CHECKPOINT), self.model, self.preset, self.checkpoint_payload())
+        save_model(self.out / "checkpoint.pt", self.model, self.preset,
+                   {**self.model_extra(), **self.checkpoint_payload()})
 
     def try_resume(self) -> bool:
-        path = self.ws.path(CHECKPOINT)
+        path = self.out / "checkpoint.pt"
         if not path.is_file():
             return False
         try:
@@ -221,7 +258,11 @@ class Trainer:
             progress.warn("the checkpoint was made with another preset or from other preprocess outputs; "
                           "training from the start")
             return False
-        self.model.load_state_dict(payload["state"])
+        try:
+            self.model.load_state_dict(payload["state"])
+        except RuntimeError:  # the model's shape depends on the anchors it was built with
+            progress.warn("the checkpoint does not fit this model; training from the start")
+            return False
         self.head_opt.load_state_dict(payload["head_opt"])
         self.torso_opt.load_state_dict(payload["torso_opt"])
         self.sampler.rng.bit_generator.state = payload["rng"]
@@ -249,7 +290,8 @@ class Trainer:
             elif torso:
                 u, v = self.sampler.pixels(f, per, 0.0)
             else:
-                u, v = self.sampler.pixels(f, per, t.head_ray_fraction, t.mouth_ray_fraction, self.lips_patch)
+                u, v = self.sampler.pixels(f, per, t.head_ray_fraction, getattr(t, "mouth_ray_fraction", 0.0),
+                                           getattr(self, "lips_patch", 0))
             us.append(u)
             vs.append(v)
             idx.append(np.full(len(u), b))
@@ -270,7 +312,6 @@ class Trainer:
 
     def step(self, it: int) -> dict:
         t = self.preset.train
-        m = self.model
         torso = it >= t.iterations
         lips = not torso and self.in_lips(it)
         n_frames = 1 if lips else t.frames_per_batch
@@ -292,18 +333,7 @@ class Trainer:
             bce = -(target * a.log() + (1 - target) * (1 - a).log())
             loss = loss + 0.01 * (bce * keep).sum() / keep.sum().clamp_min(1)
         else:
-            m.set_progress(it, t.iterations, t.progressive_every)
-            cond = self._conditions(frames)
-            res = self._render(u, v, index, fr, cond, bg, jitter, torso=False, head_grad=True)
-            loss = ((res.rgb - gt) ** 2).mean()
-            if lips:
-                p = self.lips_patch
-                pred = res.rgb.reshape(n_frames, p, p, 3).permute(0, 3, 1, 2)
-                ref = gt.reshape(n_frames, p, p, 3).permute(0, 3, 1, 2)
-                if self.lpips is not None:
-                    loss = loss + t.lpips_weight * self.lpips(*at_least_64(pred, ref)).mean()
-                elif p >= 11:  # without LPIPS weights (not bundled): 1 - SSIM stands in (docs/avatar.md)
-                    loss = loss + t.lpips_weight * (1 - ssim_map(pred, ref).mean())
+            loss, res = self.head_loss(it, frames, (u, v, index, fr, gt, bg), jitter, lips)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -312,6 +342,26 @@ class Trainer:
         return {"loss": float(loss.detach()), "psnr": -10 * math.log10(max(mse, 1e-10)), "lr": lr,
                 "phase": "torso" if torso else ("lips" if lips else "head"),
                 "samples_per_ray": res.samples / max(1, u.shape[0])}
+
+    def head_loss(self, it: int, frames: np.ndarray, batch: tuple, jitter: torch.Tensor, lips: bool):
+        """The head phase's loss (and the rendered rays) for one batch: photometric MSE, plus the
+        lips term on lip patches."""
+        t = self.preset.train
+        u, v, index, fr, gt, bg = batch
+        self.model.set_progress(it, t.iterations, t.progressive_every)
+        cond = self._conditions(frames)
+        res = self._render(u, v, index, fr, cond, bg, jitter, torso=False, head_grad=True)
+        loss = ((res.rgb - gt) ** 2).mean()
+        if lips:
+            p = self.lips_patch
+            n = len(frames)
+            pred = res.rgb.reshape(n, p, p, 3).permute(0, 3, 1, 2)
+            ref = gt.reshape(n, p, p, 3).permute(0, 3, 1, 2)
+            if self.lpips is not None:
+                loss = loss + t.lpips_weight * self.lpips(*at_least_64(pred, ref)).mean()
+            elif p >= 11:  # without LPIPS weights (not bundled): 1 - SSIM stands in (docs/avatar.md)
+                loss = loss + t.lpips_weight * (1 - ssim_map(pred, ref).mean())
+        return loss, res
 
     def _render(self, u, v, index, fr, cond, bg, jitter, torso: bool, head_grad: bool):
         m = self.model
@@ -362,8 +412,8 @@ class Trainer:
                         ("train", int(self.train_idx[len(self.train_idx) // 2]))):
             if f is None:
                 continue
-            win = windows(d.n_frames, np.array([f]), self.preset.model.window)[0]
-            img, _ = render_frame(self.model, d.rotation[f], d.translation[f], d.landmarks[win], d.background,
+            img, _ = render_frame(self.model, d.rotation[f], d.translation[f],
+                                  self.model.frame_input(d.landmarks, d.mesh, f), d.background,
                                   d.focal, d.cx, d.cy, torso=torso)
             gt = d.images[f].astype(np.float32) / 255.0 if torso else d.head_target(f).astype(np.float32) / 255.0
             out[f"{name}_psnr"] = round(psnr(img, gt), 3)
@@ -402,7 +452,7 @@ class Trainer:
         t0 = time.time() - self.state.seconds
         val = {}
         try:
-            with progress.bar("train r2talker", self.total, unit="it") as bar:
+            with progress.bar(f"train {self.kind}", self.total, unit="it") as bar:
                 bar.advance(start)
                 for it in range(start, self.total):
                     self.update_occupancy(it)
@@ -416,7 +466,7 @@ class Trainer:
                         self.log_rows.append({
                             "iteration": it + 1, "phase": r["phase"], "loss": round(float(np.mean(acc["loss"])), 6),
                             "psnr": round(float(np.mean(acc["psnr"])), 3), "lr": r["lr"],
-                            "levels": int(m.active_levels), "samples_per_ray": round(float(np.mean(acc["spr"])), 2),
+                            "levels": int(getattr(m, "active_levels", 0)), "samples_per_ray": round(float(np.mean(acc["spr"])), 2),
                             "occupied": round(m.occupancy.occupied_fraction(), 4),
                             "seconds": round(self.state.seconds, 1)})
                         acc = {"loss": [], "psnr": [], "spr": []}
@@ -465,8 +515,14 @@ def plot_curve(rows: list[dict], path: Path) -> None:
 
 
 def run(ws: Workspace, preset: Preset, *, force: bool = False) -> dict:
-    """Train (or resume, or skip when up to date) the R2-Talker avatar of ``ws``."""
+    """Train (or resume, or skip when up to date) the avatar of ``ws`` the preset describes."""
     from .avatar.data import check_preprocessed
+
+    trainer_cls = Trainer
+    if preset.avatar == "meshhash":
+        from .train_meshhash import MeshHashTrainer as trainer_cls
+    kind = trainer_cls.kind
+    out_dir = f"models/{kind}"
 
     t = preset.train
     check_preprocessed(ws)
@@ -477,19 +533,22 @@ def run(ws: Workspace, preset: Preset, *, force: bool = False) -> dict:
     def fn() -> dict:
         data = load_subject(ws, t.size)
         train_idx, hold_idx = data.split(t.holdout_fraction)
-        trainer = Trainer(ws, preset, data, train_idx, hold_idx, upstream)
+        trainer = trainer_cls(ws, preset, data, train_idx, hold_idx, upstream)
         resumed = False if force else trainer.try_resume()
         summary = trainer.run()
-        save_model(ws.path(MODEL_FILE), trainer.model, preset,
-                   {"upstream": upstream, "train_frames": train_idx.tolist(), "holdout_frames": hold_idx.tolist(),
-                    "fps": data.fps, "focal": data.focal, "cx": data.cx, "cy": data.cy})
-        write_json(ws.path(f"{MODEL_DIR}/config.json"), preset.to_dict())
-        ckpt = ws.path(CHECKPOINT)
+        save_model(ws.path(model_file(kind)), trainer.model, preset,
+                   {**trainer.model_extra(), "upstream": upstream, "train_frames": train_idx.tolist(),
+                    "holdout_frames": hold_idx.tolist(), "fps": data.fps, "focal": data.focal, "cx": data.cx,
+                    "cy": data.cy})
+        write_json(ws.path(f"{out_dir}/config.json"), preset.to_dict())
+        ckpt = ws.path(f"{out_dir}/checkpoint.pt")
         if ckpt.exists():
             ckpt.unlink()
         return {**summary, "resumed": resumed, "preset": preset.name}
 
-    res = run_stage(ws, "train_r2talker", code_version=CODE_VERSION, config=preset.to_dict(), inputs=upstream,
-                    outputs=[MODEL_FILE, f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/train_log.csv"], fn=fn, force=force)
-    return {"workspace": str(ws.root), "model": str(ws.path(MODEL_FILE)), "skipped": res.skipped,
+    res = run_stage(ws, f"train_{kind}", code_version=CODE_VERSION, config=preset.to_dict(), inputs=upstream,
+                    outputs=[model_file(kind), f"{out_dir}/config.json", f"{out_dir}/train_log.csv"], fn=fn,
+                    force=force)
+    return {"workspace": str(ws.root), "model": str(ws.path(model_file(kind))), "avatar": kind,
+            "skipped": res.skipped,
             "preset": preset.name, **res.record.get("summary", {}), "wall_seconds": round(time.time() - started, 1)}

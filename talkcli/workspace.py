@@ -54,6 +54,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "audio": ("probe",),
     "audio_features": ("audio",),
     "train_r2talker": ("frames", "landmarks", "matting", "facefit"),
+    "train_meshhash": ("frames", "landmarks", "matting", "facefit"),
     "train_motion": ("landmarks", "facefit", "audio_features"),
 }
 

@@ -55,6 +55,7 @@ class SubjectData:
     cx: float
     cy: float
     landmarks: np.ndarray     # (N, 68, 3) float32 pose-normalised (head frame, metres)
+    mesh: np.ndarray          # (N, 478, 3) float32 the fitted face mesh, pose-normalised likewise
     train_ok: np.ndarray      # (N,) bool: tracked and not in profile
     head_box: np.ndarray      # (N, 4) int: x0, y0, x1, y1 of the head label (whole frame when none)
     mouth_center: np.ndarray  # (N, 2) float: mouth centre in pixels
@@ -114,6 +115,7 @@ def load_subject(ws: Workspace, size: int) -> SubjectData:
     scale = size / src
     idx68 = lms["ibug68_index"].astype(np.int64)
     landmarks, train_ok = tracked_landmarks(fit, idx68)
+    mesh, _ = tracked_landmarks(fit, np.arange(fit["landmarks3d"].shape[1]))
     proj = fit["projected"][:, idx68] * scale
     mouth = np.nan_to_num(np.nanmean(proj[:, MOUTH], axis=1), nan=size / 2)
     head_box = np.empty((n, 4), np.int64)
@@ -124,12 +126,12 @@ def load_subject(ws: Workspace, size: int) -> SubjectData:
         size=size, fps=float(meta["fps"]), images=images, labels=labels, background=bg,
         rotation=fit["rotation"].astype(np.float32), translation=fit["translation"].astype(np.float32),
         focal=float(fit["focal"]) * scale, cx=float(fit["cx"]) * scale, cy=float(fit["cy"]) * scale,
-        landmarks=landmarks, train_ok=train_ok, head_box=head_box, mouth_center=mouth.astype(np.float32))
+        landmarks=landmarks, mesh=mesh, train_ok=train_ok, head_box=head_box, mouth_center=mouth.astype(np.float32))
 
 
 def tracked_landmarks(fit, idx68: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(T, 68, 3) pose-normalised landmarks of a face fit (head frame, metres; untracked frames
-    filled from the nearest tracked one) and the (T,) usable-for-training flags."""
+    """(T, P, 3) pose-normalised landmarks ``idx68`` (or any index set) of a face fit (head frame,
+    metres; untracked frames filled from the nearest tracked one) and the (T,) usable-for-training flags."""
     lmk = fit["landmarks3d"][:, idx68].astype(np.float32)
     ok = fit["train"].astype(bool) & np.isfinite(lmk).all(axis=(1, 2))
     return _fill_gaps(lmk, ok), ok

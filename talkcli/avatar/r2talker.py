@@ -119,6 +119,14 @@ class R2Talker(nn.Module):
         diag = float(np.linalg.norm(np.subtract(self.aabb[3:], self.aabb[:3])))
         self.step_size = diag / m.steps_per_ray
 
+    kind = "r2talker"
+
+    def frame_input(self, landmarks: np.ndarray, mesh: np.ndarray | None, t: int) -> np.ndarray:
+        """What ``condition`` takes for frame t of a track: the landmark window around it."""
+        from .data import windows
+
+        return landmarks[windows(len(landmarks), np.array([t]), self.cfg.window)[0]]
+
     def condition(self, landmarks: torch.Tensor) -> torch.Tensor:
         """h_cond (B, C) of landmark windows (B, window, 68, 3) in metres (head frame)."""
         lmk01 = ((landmarks - self.lmk_lo) / (self.lmk_hi - self.lmk_lo)).clamp(0.0, 1.0)

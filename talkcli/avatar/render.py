@@ -53,9 +53,33 @@ def render_rays(model: R2Talker, rotation: torch.Tensor, translation: torch.Tens
     return Rendered(final, head.rgb, head.opacity, alpha, samples.num_samples)
 
 
+def render_rays_hierarchical(model, rotation: torch.Tensor, translation: torch.Tensor, u: torch.Tensor,
+                             v: torch.Tensor, focal: float, cx: float, cy: float, cond, index: torch.Tensor,
+                             background: torch.Tensor, n_coarse: int, n_fine: int,
+                             generator: torch.Generator | None = None) -> Rendered:
+    """Head rays over the background with NeRF's hierarchical sampling instead of the occupancy
+    grid: ``n_coarse`` stratified samples (no gradient) place ``n_fine`` more by importance, and
+    the field is trained on all of them (one field serves both passes, as in the paper's
+    32 + 32)."""
+    from .sampling import importance, stratified
+
+    o, d = pixel_rays(rotation, translation, focal, cx, cy, u, v)
+    near, far = ray_aabb(o, d, model.aabb)
+    coarse = stratified(o, d, near, far, n_coarse, generator if generator is not None else True)
+    with torch.no_grad():
+        sigma, rgb = model.head(coarse.positions, coarse.directions, cond, index[coarse.ray_indices], None)
+        weights = composite(sigma, rgb, coarse.deltas / model.step_size, coarse.ts, coarse.ray_offsets).weights
+    fine = importance(o, d, coarse, weights, n_fine, generator=generator, near=near, far=far)
+    sigma, rgb = model.head(fine.positions, fine.directions, cond, index[fine.ray_indices], None)
+    head = composite(sigma, rgb, fine.deltas / model.step_size, fine.ts, fine.ray_offsets)
+    final = head.rgb + (1 - head.opacity[:, None]) * background
+    return Rendered(final, head.rgb, head.opacity, None, fine.num_samples)
+
+
 @torch.no_grad()
 def render_head_terminating(model: R2Talker, o: torch.Tensor, d: torch.Tensor, cond: torch.Tensor,
-                            round_samples: int = 12, min_transmittance: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                            round_samples: int = 12, min_transmittance: float = 1e-3,
+                            stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Head colour (R, 3) and opacity (R,) for rendering, marching in rounds with early termination.
 
     Training marches every occupied lattice point at once (the gradient needs them all). For a
@@ -79,6 +103,8 @@ def render_head_terminating(model: R2Talker, o: torch.Tensor, d: torch.Tensor, c
         if s.num_samples == 0:
             break
         sigma, col = model.head(s.positions, s.directions, cond, None, mask)
+        if stats is not None:
+            stats["samples"] = stats.get("samples", 0) + s.num_samples
         comp = composite(sigma, col, s.deltas / step, s.ts, s.ray_offsets, stop_transmittance=0.0)
         t_before = trans[rays]
         rgb[rays] += t_before[:, None] * comp.rgb
@@ -95,12 +121,14 @@ def render_head_terminating(model: R2Talker, o: torch.Tensor, d: torch.Tensor, c
 @torch.no_grad()
 def render_frame(model: R2Talker, rotation: np.ndarray, translation: np.ndarray, landmarks: np.ndarray,
                  background: np.ndarray, focal: float, cx: float, cy: float, torso: bool = True,
-                 chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+                 chunk: int = 1 << 14, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One whole frame (S, S, 3) float32 in [0, 1] and the head's opacity (S, S).
 
-    ``rotation`` (3, 3), ``translation`` (3,): the head pose; ``landmarks`` (window, 68, 3): the
-    condition window; ``background`` (S, S, 3) float32 gives the output size; ``focal``, ``cx``,
-    ``cy`` in pixels of that size.
+    ``rotation`` (3, 3), ``translation`` (3,): the head pose; ``landmarks``: what the avatar's
+    ``condition`` takes for one frame (``model.frame_input``: R2-Talker's landmark window
+    (window, 68, 3), the mesh-anchored avatar's mesh (478, 3)); ``background`` (S, S, 3) float32
+    gives the output size; ``focal``, ``cx``, ``cy`` in pixels of that size. ``stats`` counts the
+    head samples evaluated.
     """
     from .torso import pose_vector
 
@@ -119,7 +147,7 @@ def render_frame(model: R2Talker, rotation: np.ndarray, translation: np.ndarray,
         e = min(size * size, s + chunk)
         r = e - s
         o, d = pixel_rays(rot.expand(r, 3, 3), tr.expand(r, 3), focal, cx, cy, u[s:e], v[s:e])
-        head_rgb, head_op = render_head_terminating(model, o, d, cond)
+        head_rgb, head_op = render_head_terminating(model, o, d, cond, stats=stats)
         under = bg[s:e]
         if pose is not None:
             uv = torch.stack([(u[s:e] + 0.5) / size, (v[s:e] + 0.5) / size], dim=-1)
