@@ -61,7 +61,7 @@ def main() -> None:
                 train.run(ws, preset, force=True)
                 seconds = time.time() - t0
                 res = evaluate.run(ws)
-            m = res["metrics"]["avatar"]
+            m = res["metrics"]["r2talker"]
             rows.append((name, m, seconds))
             print(f"{name}: {m} ({seconds:.0f} s)", file=sys.stderr, flush=True)
             base = res["metrics"]["retrieval"]

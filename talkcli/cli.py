@@ -287,9 +287,10 @@ def train(
 @app.command("eval")
 def eval_(
     workspace: Path = typer.Argument(..., help="A workspace with a trained avatar."),
+    model: list[str] = typer.Option([], "--model", help="Avatar(s) to evaluate [default: every trained one]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
-    """Measure the avatar on held-out frames (PSNR, SSIM, LMD, FPS) beside a retrieval baseline."""
+    """Measure the avatars on held-out frames (PSNR, SSIM, LMD, FPS, GFLOPs) beside a retrieval baseline."""
     with _errors():
         from .avatar.data import check_preprocessed
         from .workspace import Workspace
@@ -298,8 +299,10 @@ def eval_(
         check_preprocessed(ws)
         from . import evaluate
 
+        for m in model:
+            _check_model(m)
         with ws.locked(f"talk eval {workspace}"):
-            result = evaluate.run(ws)
+            result = evaluate.run(ws, model or None)
         if as_json:
             _emit_json({k: v for k, v in result.items() if k != "per_frame"})
             return
@@ -307,11 +310,12 @@ def eval_(
 
         table = Table(title=f"held-out frames {result['holdout_frames'][0]}-{result['holdout_frames'][1]} at "
                             f"{result['size']}² ({result['preset']})", title_justify="left")
-        for col in ("method", "PSNR dB", "SSIM", "LMD mouth px", "LMD face px", "FPS"):
+        for col in ("method", "PSNR dB", "SSIM", "LMD mouth px", "LMD face px", "FPS", "GFLOPs/frame"):
             table.add_column(col)
         for name, m in result["metrics"].items():
             table.add_row(name, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['lmd_mouth']:.2f}",
-                          f"{m['lmd_face']:.2f}", f"{m['fps']:.1f} ({m['fps_512']:.2f} at 512²)" if "fps" in m else "")
+                          f"{m['lmd_face']:.2f}", f"{m['fps']:.1f} ({m['fps_512']:.2f} at 512²)" if "fps" in m else "",
+                          f"{m['gflops']:.3f}" if "gflops" in m else "")
         progress.console.print(table)
         progress.info(f"LPIPS: {result['lpips']}; images: {result['samples']}")
 

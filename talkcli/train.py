@@ -143,6 +143,7 @@ class TrainState:
 class Trainer:
     kind = "r2talker"
     betas = (0.9, 0.99)
+    fused = False  # torch's fused CPU Adam: one pass over the parameters instead of a dozen
 
     def __init__(self, ws: Workspace, preset: Preset, data: SubjectData, train_idx: np.ndarray,
                  hold_idx: np.ndarray, upstream: dict):
@@ -153,9 +154,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = self.make_model()
         self.head_opt = torch.optim.AdamW(self._head_groups(), betas=self.betas, eps=1e-15,
-                                          weight_decay=t.weight_decay)
+                                          weight_decay=t.weight_decay, fused=self.fused or None)
         self.torso_opt = torch.optim.AdamW(self._torso_groups(), betas=self.betas, eps=1e-15,
-                                           weight_decay=t.weight_decay)
+                                           weight_decay=t.weight_decay, fused=self.fused or None)
         self.sampler = RaySampler(data, train_idx, t.seed)
         self.state = TrainState()
         self.gen = torch.Generator().manual_seed(t.seed + 1)
