@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ops.hashgrid_batched import BatchedHashGrids
+from ..ops.hashgrid_batched import BatchedHashGrids, batched_hash_encode
 from ..ops.hashspec import HashGridSpec
 from ..ops.knn import KnnGridSpec, build_knn_grid, knn_brute, knn_query
 from ..ops.raymarch import OccupancyGrid, OccupancySpec
@@ -48,6 +48,7 @@ class FrameContext:
     weights: torch.Tensor            # (B, V, M)
     features: torch.Tensor           # (B, V, C)
     grids: list | None               # per-frame KnnGrid (None: brute force)
+    merged: torch.Tensor | None = None       # (B*V, 1, S, F) Eq. 1's merged tables (rendering)
     frame_ids: torch.Tensor | None = None   # (B,) training frames, for the warp field
     warp_alpha: float | None = None          # PE window of the warp; None: no warp
     warped: list = field(default_factory=list)  # (q, q', frame) of this step's samples, for the warp losses
@@ -101,8 +102,15 @@ class MeshHashField(nn.Module):
         grids = None
         if self.cfg.knn == "grid":
             grids = [build_knn_grid(anchors[i].detach(), self.knn_spec) for i in range(b)]
+        merged = None
+        if not torch.is_grad_enabled():
+            # rendering: merge each anchor's M tables once per frame (Eq. 1 as the paper writes it),
+            # then every sample reads K tables instead of K x M. Training keeps the tables apart:
+            # their gradients would otherwise go through B copies of every table.
+            t = self.tables.tables
+            merged = torch.einsum("bvm,vmsf->bvsf", weights, t).reshape(-1, 1, t.shape[2], t.shape[3])
         use_warp = self.warp is not None and frame_ids is not None and warp_alpha is not None
-        return FrameContext(anchors, frames, weights, features, grids, frame_ids if use_warp else None,
+        return FrameContext(anchors, frames, weights, features, grids, merged, frame_ids if use_warp else None,
                             warp_alpha if use_warp else None)
 
     # ---- per sample
@@ -133,6 +141,13 @@ class MeshHashField(nn.Module):
     def density(self, x: torch.Tensor, ctx: FrameContext, index: torch.Tensor | None,
                 level_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """sigma (S,) and the last hidden layer (S, H) of samples ``x`` (S, 3) of frames ``index``."""
+        sigma, hid, valid = self._field(x, ctx, index, level_mask)
+        return sigma, hid.new_zeros(x.shape[0], hid.shape[1]).index_put((valid,), hid)
+
+    def _field(self, x: torch.Tensor, ctx: FrameContext, index: torch.Tensor | None,
+               level_mask=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """sigma (S,), and the last hidden layer (n, H) of the ``valid`` (n,) samples: those within
+        ``max_distance`` of an anchor (the others are empty space)."""
         m = self.cfg
         s = x.shape[0]
         if index is None:
@@ -143,33 +158,38 @@ class MeshHashField(nn.Module):
             ctx.warped.append((q, x, ids))
         idx, d2 = self._neighbours(x, ctx, index)
         sigma = x.new_zeros(s)
-        hidden = x.new_zeros(s, m.mlp_hidden)
         valid = torch.nonzero(d2[:, 0] < m.max_distance ** 2).squeeze(1)
         if valid.numel() == 0:
-            return sigma + 0 * x.sum(), hidden
+            return sigma, x.new_zeros(0, m.mlp_hidden), valid
         n_anchor = ctx.anchors.shape[1]
         flat = index[valid, None] * n_anchor + idx[valid]                  # (n, K) rows of (B*V)
         origin = ctx.anchors.reshape(-1, 3)[flat]
         frame = ctx.frames.reshape(-1, 3, 3)[flat]
         local = to_local(x[valid, None, :], origin, frame) / m.max_distance  # (n, K, 3), ~[-1, 1]
         hx = (local * 0.5 + 0.5).clamp(0.0, 1.0).reshape(-1, 3)
-        enc = self.tables(hx, idx[valid].reshape(-1), level_mask)           # (n*K, M, L*F)
         n, k = flat.shape
-        w = ctx.weights.reshape(-1, ctx.weights.shape[-1])[flat]            # (n, K, M)
-        h = (enc.reshape(n, k, m.n_blend, -1) * w[..., None]).sum(2)        # Eq. 1 per neighbour
         z = 1.0 / local.norm(dim=-1).clamp_min(1e-4)
-        h = (h * (z / z.sum(1, keepdim=True))[..., None]).sum(1)            # Eq. 2
+        idw = z / z.sum(1, keepdim=True)                                    # Eq. 2's weights (n, K)
+        if ctx.merged is not None:  # one merged table per anchor and frame
+            enc = batched_hash_encode(hx, flat.reshape(-1), ctx.merged, self.tables.spec, level_mask)
+            h = torch.bmm(idw[:, None, :], enc.reshape(n, k, -1)).squeeze(1)
+        else:
+            # Eq. 1 (blend each neighbour's M grids by its weights) and Eq. 2 are one weighted
+            # sum over the K*M lookups: a batched (1 x KM) @ (KM x LF) product
+            enc = self.tables(hx, idx[valid].reshape(-1), level_mask)       # (n*K, M, L*F)
+            w = ctx.weights.reshape(-1, ctx.weights.shape[-1])[flat]        # (n, K, M)
+            coeff = (w * idw[..., None]).reshape(n, 1, -1)
+            h = torch.bmm(coeff, enc.reshape(n, k * m.n_blend, -1)).squeeze(1)
         f = ctx.features.reshape(-1, ctx.features.shape[-1])[flat[:, 0]]
         hid = self.trunk(torch.cat([h, f, positional(local[:, 0], m.pos_bands)], dim=-1))
         sigma = sigma.index_put((valid,), trunc_exp(self.sigma_out(hid)[:, 0]))
-        hidden = hidden.index_put((valid,), hid)
-        return sigma, hidden
+        return sigma, hid, valid
 
     def forward(self, x: torch.Tensor, d: torch.Tensor, ctx: FrameContext, index: torch.Tensor | None,
                 level_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        sigma, hidden = self.density(x, ctx, index, level_mask)
-        rgb = torch.sigmoid(self.rgb_out(torch.cat([hidden, positional(d, self.cfg.dir_bands)], dim=-1)))
-        return sigma, rgb
+        sigma, hid, valid = self._field(x, ctx, index, level_mask)
+        rgb = torch.sigmoid(self.rgb_out(torch.cat([hid, positional(d[valid], self.cfg.dir_bands)], dim=-1)))
+        return sigma, x.new_zeros(x.shape[0], 3).index_put((valid,), rgb)  # empty space: no colour
 
 
 class MeshHashAvatar(nn.Module):

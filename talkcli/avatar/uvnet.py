@@ -77,8 +77,8 @@ class UVUNet(nn.Module):
         if not encoder or len(encoder) != len(decoder):
             raise ValueError(f"UVUNet needs as many decoder as encoder levels (>= 1), got "
                              f"encoder={encoder} decoder={decoder}")
-        if min(encoder + decoder + (in_channels, n_weights, feature_dim)) < 1:
-            raise ValueError("UVUNet channel counts must be positive")
+        if min(encoder + decoder + (in_channels, feature_dim)) < 1 or n_weights < 0:
+            raise ValueError("UVUNet channel counts must be positive (n_weights may be 0: one constant table)")
         if size < 2 ** len(encoder) or size % 2 ** len(encoder):
             raise ValueError(f"UVUNet size {size} must be divisible by 2**{len(encoder)} "
                              f"(one halving per encoder level)")
