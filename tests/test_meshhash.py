@@ -218,3 +218,27 @@ def test_missing_meshhash_model_says_what_to_run(tmp_path, subject):
     r = talk("render", ws, "--model", "meshhash", "--audio", WAV_24BIT, "-o", tmp_path / "x.mp4")
     assert r.returncode != 0 and "talk train" in r.stderr and "--model meshhash" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x.mp4").exists()
+
+
+def test_merged_tables_render_the_same_field_as_separate_ones(subject):
+    """Rendering merges each anchor's M tables once per frame (Eq. 1); training reads the M tables
+    and blends the lookups. Hash interpolation is linear in the table entries: same field."""
+    from talkcli.train import load_model, model_file
+
+    model, _, _ = load_model(subject / model_file("meshhash"))
+    fit = np.load(subject / "facefit.npz")
+    mesh = torch.from_numpy(fit["landmarks3d"][[150, 185]]).float()
+    g = torch.Generator().manual_seed(2)
+    x = mesh[1, torch.randint(0, 478, (3000,), generator=g)] + 0.01 * torch.randn(3000, 3, generator=g)
+    d = torch.nn.functional.normalize(torch.randn(3000, 3, generator=g), dim=-1)
+    index = torch.randint(0, 2, (3000,), generator=g)
+    ctx = model.condition(mesh)
+    assert ctx.merged is None
+    sigma, rgb = model.head(x, d, ctx, index)
+    with torch.no_grad():
+        ctx = model.condition(mesh)
+        assert ctx.merged is not None
+        sigma_m, rgb_m = model.head(x, d, ctx, index)
+    assert (sigma > 0).sum() > 1000
+    assert torch.allclose(sigma.detach(), sigma_m, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(rgb.detach(), rgb_m, atol=1e-5)

@@ -82,7 +82,7 @@ def test_status_json_all_done(clip_ws):
     assert states == {"probe": "done", "detect": "done", "frames": "done", "landmarks": "done", "matting": "done",
                       "facefit": "done", "audio": "done", "audio_features": "done",
                       # not trained yet: the avatar and the motion model are missing
-                      "train_r2talker": "missing", "train_motion": "missing"}
+                      "train_r2talker": "missing", "train_meshhash": "missing", "train_motion": "missing"}
 
 
 def test_second_run_skips_quickly_and_changes_nothing(clip_ws):

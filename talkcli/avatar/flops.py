@@ -44,12 +44,14 @@ def r2talker_frame(m) -> int:
 
 
 def meshhash_sample(m) -> int:
+    """Per sample when rendering (merged tables)."""
     k, kc, mb = m.knn_k, m.knn_candidates, m.n_blend
     lf = m.hash_levels * m.hash_features
     search = (kc if m.knn == "grid" else 0) * 8          # distances to the cell's candidates
     local = k * (3 + 2 * 9)                              # q - v, then R^T (q - v)
-    tables = k * mb * _hash(m.hash_levels, m.hash_features)
-    blend = k * mb * lf * 2 + k * (lf * 2 + 6)           # Eq. 1 per neighbour, then Eq. 2
+    # rendering reads each neighbour's merged table (Eq. 1 is done per frame, meshhash_frame)
+    tables = k * _hash(m.hash_levels, m.hash_features)
+    blend = k * (lf * 2 + 6)                             # Eq. 2
     pe = 3 * (1 + 2 * m.pos_bands)
     trunk = _mlp([lf + m.feature_dim + pe] + [m.mlp_hidden] * m.mlp_layers + [1])
     rgb = _mlp([m.mlp_hidden + 3 * (1 + 2 * m.dir_bands), 3])
@@ -67,6 +69,8 @@ def meshhash_frame(model, n_anchors: int) -> tuple[int, int]:
         model.head.unet(x)
     unet = int(counter.get_total_flops())
     anchors = n_anchors * (3 * 9 * 2)                    # tangent frames (normals, Gram-Schmidt), roughly
+    entries = model.head.tables.tables[0, 0].numel()
+    anchors += n_anchors * m.n_blend * entries * 2       # Eq. 1: the merged tables of the frame
     build = 0
     if m.knn == "grid":
         build = m.knn_resolution ** 3 * n_anchors * 8    # every cell centre against every anchor
