@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import tempfile
 import time
@@ -27,8 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from variants import train_variant  # noqa: E402
+
 from talkcli import evaluate, progress, train  # noqa: E402
-from talkcli.avatar.config import load_preset  # noqa: E402
 from talkcli.avatar.data import load_subject  # noqa: E402
 from talkcli.avatar.metrics import psnr  # noqa: E402
 from talkcli.avatar.render import render_frame  # noqa: E402
@@ -78,21 +78,11 @@ def main() -> None:
     rows, knn_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in VARIANTS:
-            ws_path = Path(tmp) / "ws"
-            if ws_path.exists():
-                shutil.rmtree(ws_path)
-            shutil.copytree(args.workspace, ws_path, ignore=shutil.ignore_patterns("models", "eval"))
-            ws = Workspace(ws_path)
-            preset = load_preset(args.preset, overrides + [f"train.iterations={args.iterations}",
-                                                           f"train.torso_iterations={args.torso_iterations}",
-                                                           "train.val_every=1000000"])
-            t0 = time.time()
-            with ws.locked("ablation"):
-                summary = train.run(ws, preset, force=True)
-                seconds = time.time() - t0
-                res = evaluate.run(ws, ["meshhash"])
-                if name == "M = 5":
-                    knn_rows = knn_study(ws)
+            ws, summary, seconds = train_variant(args.workspace, Path(tmp), args.preset, overrides,
+                                                 args.iterations, args.torso_iterations)
+            res = evaluate.run(ws, ["meshhash"])
+            if name == "M = 5":
+                knn_rows = knn_study(ws)
             m = res["metrics"]["meshhash"]
             rows.append((name, m, seconds, summary.get("train_psnr_last")))
             print(f"{name}: {m} ({seconds:.0f} s)", file=sys.stderr, flush=True)

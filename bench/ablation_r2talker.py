@@ -17,17 +17,15 @@ Prints a markdown table (PSNR, SSIM, LMD mouth / face, train seconds).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from talkcli import evaluate, progress, train  # noqa: E402
-from talkcli.avatar.config import load_preset  # noqa: E402
-from talkcli.workspace import Workspace  # noqa: E402
+from variants import train_variant  # noqa: E402
+
+from talkcli import evaluate, progress  # noqa: E402
 
 VARIANTS = [
     ("concat (flat landmarks, GLO)", ["model.encoder=flat", "model.conditioning=concat", "model.progressive=false"]),
@@ -48,19 +46,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in VARIANTS:
-            ws_path = Path(tmp) / "ws"
-            if ws_path.exists():
-                shutil.rmtree(ws_path)
-            shutil.copytree(args.workspace, ws_path, ignore=shutil.ignore_patterns("models", "eval"))
-            ws = Workspace(ws_path)
-            preset = load_preset(args.preset, overrides + [f"train.iterations={args.iterations}",
-                                                           f"train.torso_iterations={args.torso_iterations}",
-                                                           "train.val_every=1000000"])
-            t0 = time.time()
-            with ws.locked("ablation"):
-                train.run(ws, preset, force=True)
-                seconds = time.time() - t0
-                res = evaluate.run(ws)
+            ws, _, seconds = train_variant(args.workspace, Path(tmp), args.preset, overrides, args.iterations,
+                                           args.torso_iterations)
+            res = evaluate.run(ws)
             m = res["metrics"]["r2talker"]
             rows.append((name, m, seconds))
             print(f"{name}: {m} ({seconds:.0f} s)", file=sys.stderr, flush=True)

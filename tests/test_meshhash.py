@@ -114,7 +114,6 @@ def test_hierarchical_knn_equals_brute_force_where_the_true_neighbours_are_candi
 
 
 def test_the_warp_field_starts_as_the_identity(subject):
-    from talkcli.avatar.anchors import face_uv  # noqa: F401 - the model imports it
     from talkcli.avatar.meshhash import MeshHashAvatar
     from talkcli.avatar.torso import pose_vector
 

@@ -45,7 +45,7 @@ def r2talker_frame(m) -> int:
 
 def meshhash_sample(m) -> int:
     """Per sample when rendering (merged tables)."""
-    k, kc, mb = m.knn_k, m.knn_candidates, m.n_blend
+    k, kc = m.knn_k, m.knn_candidates
     lf = m.hash_levels * m.hash_features
     search = (kc if m.knn == "grid" else 0) * 8          # distances to the cell's candidates
     local = k * (3 + 2 * 9)                              # q - v, then R^T (q - v)
