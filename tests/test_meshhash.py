@@ -241,3 +241,51 @@ def test_merged_tables_render_the_same_field_as_separate_ones(subject):
     assert (sigma > 0).sum() > 1000
     assert torch.allclose(sigma.detach(), sigma_m, rtol=1e-4, atol=1e-4)
     assert torch.allclose(rgb.detach(), rgb_m, atol=1e-5)
+
+
+def test_interrupted_meshhash_training_resumes_where_it_stopped(subject, tmp_path):
+    """Ctrl-C writes a checkpoint; a new trainer resumes at the same iteration with the same
+    weights, Adam moments and random streams (the warp field is on from iteration 10 here)."""
+    import shutil
+
+    from talkcli.avatar.data import load_subject
+    from talkcli.train import UPSTREAM
+    from talkcli.train_meshhash import MeshHashTrainer
+
+    ws_path = tmp_path / "ws"
+    shutil.copytree(subject, ws_path, symlinks=True, ignore=shutil.ignore_patterns("models", "eval"))
+    preset = load_preset("meshhash-tiny", ["train.iterations=30", "train.torso_iterations=5",
+                                           "train.warp_start=0.3", "train.checkpoint_every=1000",
+                                           "train.val_every=100000", "train.occupancy_warmup=8"])
+
+    def trainer():
+        ws = Workspace(ws_path)
+        data = load_subject(ws, preset.train.size)
+        train_idx, hold_idx = data.split(preset.train.holdout_fraction)
+        return MeshHashTrainer(ws, preset, data, train_idx, hold_idx,
+                               {n: ws.record(n)["output_key"] for n in UPSTREAM})
+
+    tr = trainer()
+    real_step = tr.step
+
+    def step(it):
+        if it == 17:
+            raise KeyboardInterrupt
+        return real_step(it)
+
+    tr.step = step
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert (ws_path / "models/meshhash/checkpoint.pt").is_file()
+    saved = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    saved_steps = {k: int(s["step"]) for k, s in tr.head_opt.state_dict()["state"].items()}
+    fresh = trainer()
+    assert fresh.try_resume() and fresh.state.iteration == 17
+    for k, v in fresh.model.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+    steps = {k: int(s["step"]) for k, s in fresh.head_opt.state_dict()["state"].items()}
+    assert steps == saved_steps and max(steps.values()) == 17
+    # the warp field (on from iteration 9) has its own, shorter Adam history
+    assert fresh.warp_alpha(17) is not None and min(steps.values()) < 17
+    summary = fresh.run()
+    assert summary["iterations"] == 35
