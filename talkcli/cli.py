@@ -386,7 +386,8 @@ def render(
                                         "into the subject's own frames: dubbing)."),
     size: Optional[int] = typer.Option(None, "--size", help="Output size in pixels [default: the training size]."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (0-51, lower is better)."),
-    model: str = typer.Option("r2talker", "--model", help="Which trained avatar renders: r2talker or meshhash."),
+    model: Optional[str] = typer.Option(None, "--model", help="Which trained avatar renders: r2talker or meshhash "
+                                        "[default: r2talker, or the only one trained]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="MP4 to write [default: renders/<name>.mp4]."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -396,12 +397,15 @@ def render(
         from . import render as render_stage
         from .avatar.data import check_preprocessed
         from .errors import UsageError
-        from .train import model_file
+        from .train import AVATARS, model_file
         from .workspace import Workspace
 
-        _check_model(model)
         ws = Workspace(workspace)
         check_preprocessed(ws)
+        if model is None:  # the only trained avatar, else R2-Talker
+            trained = [k for k in AVATARS if ws.path(model_file(k)).is_file()]
+            model = trained[0] if len(trained) == 1 else "r2talker"
+        _check_model(model)
         if not ws.path(model_file(model)).is_file():
             flag = "" if model == "r2talker" else f" --model {model}"
             raise TalkError(f"no trained {model} avatar in {workspace}; run `talk train {workspace}{flag}` first")

@@ -219,6 +219,21 @@ def test_missing_meshhash_model_says_what_to_run(tmp_path, subject):
     assert "Traceback" not in r.stderr and not (tmp_path / "x.mp4").exists()
 
 
+def test_render_picks_the_only_trained_avatar(tmp_path, subject):
+    import shutil
+
+    ws = tmp_path / "ws"
+    shutil.copytree(subject, ws, symlinks=True)
+    shutil.rmtree(ws / "models/r2talker")
+    lmk = np.load(subject / "facefit.npz")["landmarks3d"][:5]
+    csv_path = tmp_path / "expr.csv"
+    np.savetxt(csv_path, lmk.reshape(5, -1), delimiter=",", comments="",
+               header=",".join(f"{a}{i}" for i in range(478) for a in "xyz"))
+    res = json.loads(talk("--quiet", "render", ws, "--expressions", csv_path, "-o", tmp_path / "only.mp4", "--json",
+                          check=True, timeout=600).stdout)
+    assert res["model"] == "meshhash" and res["frames"] == 5
+
+
 def test_merged_tables_render_the_same_field_as_separate_ones(subject):
     """Rendering merges each anchor's M tables once per frame (Eq. 1); training reads the M tables
     and blends the lookups. Hash interpolation is linear in the table entries: same field."""
