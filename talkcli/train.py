@@ -45,6 +45,11 @@ AVATARS = ("r2talker", "meshhash")
 def model_file(kind: str) -> str:
     """Where the trained avatar of a model kind lives in a workspace."""
     return f"models/{kind}/model.pt"
+
+
+def trained_avatars(ws: Workspace) -> list[str]:
+    """The model kinds with a trained avatar in ``ws``, in ``AVATARS`` order."""
+    return [k for k in AVATARS if ws.path(model_file(k)).is_file()]
 UPSTREAM = ("frames", "landmarks", "matting", "facefit")
 LOG_FIELDS = ("iteration", "phase", "loss", "psnr", "lr", "levels", "samples_per_ray", "occupied", "seconds")
 
@@ -178,6 +183,7 @@ class Trainer:
         """Model-specific state: R2-Talker's lips fine-tuning and its LPIPS network."""
         t = self.preset.train
         self.lips_patch = min(t.lips_patch, self.data.size)
+        self.mouth_rays = (t.mouth_ray_fraction, self.lips_patch)  # share of rays in the lip patch, its side
         self.lpips = load_lpips() if t.lips_start < 1.0 else None
         if t.lips_start < 1.0:
             progress.info("lips fine-tuning: " + ("MSE + LPIPS on lip patches" if self.lpips is not None else
@@ -191,21 +197,26 @@ class Trainer:
     def net_lr(self) -> float:
         return self.preset.train.lr_net
 
+    def _groups(self, tables: list, others: list, extra: tuple[tuple[list, float], ...] = ()) -> list[dict]:
+        """Adam parameter groups: hash tables (``table_lr``, no weight decay), the networks among
+        ``others`` (``net_lr``; tables are left out of them), and any (params, lr) in ``extra``."""
+        skip = {id(p) for p in tables}
+        for params, _ in extra:
+            skip.update(id(p) for p in params)
+        nets = [p for p in others if id(p) not in skip]
+        groups = [{"params": tables, "lr": self.table_lr, "base_lr": self.table_lr, "weight_decay": 0.0},
+                  {"params": nets, "lr": self.net_lr, "base_lr": self.net_lr}]
+        return groups + [{"params": params, "lr": lr, "base_lr": lr} for params, lr in extra if params]
+
     def _head_groups(self) -> list[dict]:
-        t = self.preset.train
         m = self.model
         tables = [m.encoder.grid.table] if hasattr(m.encoder, "grid") else []
         tables.append(m.head.grid.table)
-        ids = {id(p) for p in tables}
-        nets = [p for p in list(m.encoder.parameters()) + list(m.head.parameters()) if id(p) not in ids]
-        return [{"params": tables, "lr": t.lr, "base_lr": t.lr, "weight_decay": 0.0},
-                {"params": nets, "lr": t.lr_net, "base_lr": t.lr_net}]
+        return self._groups(tables, list(m.encoder.parameters()) + list(m.head.parameters()))
 
     def _torso_groups(self) -> list[dict]:
         m = self.model.torso
-        nets = [p for n, p in m.named_parameters() if n != "grid.table"]
-        return [{"params": [m.grid.table], "lr": self.table_lr, "base_lr": self.table_lr, "weight_decay": 0.0},
-                {"params": nets, "lr": self.net_lr, "base_lr": self.net_lr}]
+        return self._groups([m.grid.table], list(m.parameters()))
 
     # ---- schedule
 
@@ -291,8 +302,7 @@ class Trainer:
             elif torso:
                 u, v = self.sampler.pixels(f, per, 0.0)
             else:
-                u, v = self.sampler.pixels(f, per, t.head_ray_fraction, getattr(t, "mouth_ray_fraction", 0.0),
-                                           getattr(self, "lips_patch", 0))
+                u, v = self.sampler.pixels(f, per, t.head_ray_fraction, *self.mouth_rays)
             us.append(u)
             vs.append(v)
             idx.append(np.full(len(u), b))
@@ -467,7 +477,7 @@ class Trainer:
                         self.log_rows.append({
                             "iteration": it + 1, "phase": r["phase"], "loss": round(float(np.mean(acc["loss"])), 6),
                             "psnr": round(float(np.mean(acc["psnr"])), 3), "lr": r["lr"],
-                            "levels": int(getattr(m, "active_levels", 0)), "samples_per_ray": round(float(np.mean(acc["spr"])), 2),
+                            "levels": int(m.active_levels), "samples_per_ray": round(float(np.mean(acc["spr"])), 2),
                             "occupied": round(m.occupancy.occupied_fraction(), 4),
                             "seconds": round(self.state.seconds, 1)})
                         acc = {"loss": [], "psnr": [], "spr": []}

@@ -50,6 +50,7 @@ class MeshHashTrainer(Trainer):
 
     def setup(self) -> None:
         self.mesh = torch.from_numpy(self.data.mesh)
+        self.mouth_rays = (0.0, 0)  # no lip patch: the mesh moves the mouth's tables
 
     def model_extra(self) -> dict:
         return {"init": self.model.init_arrays(*self._init)}
@@ -63,17 +64,9 @@ class MeshHashTrainer(Trainer):
         return self.preset.train.lr
 
     def _head_groups(self) -> list[dict]:
-        t = self.preset.train
         head = self.model.head
-        tables = [head.tables.tables]
         warp = list(head.warp.parameters()) if head.warp is not None else []
-        skip = {id(p) for p in tables + warp}
-        nets = [p for p in head.parameters() if id(p) not in skip]
-        groups = [{"params": tables, "lr": t.lr_tables, "base_lr": t.lr_tables, "weight_decay": 0.0},
-                  {"params": nets, "lr": t.lr, "base_lr": t.lr}]
-        if warp:
-            groups.append({"params": warp, "lr": t.lr_warp, "base_lr": t.lr_warp})
-        return groups
+        return self._groups([head.tables.tables], list(head.parameters()), ((warp, self.preset.train.lr_warp),))
 
     def lr_factor(self, it: int) -> float:
         t = self.preset.train

@@ -217,6 +217,11 @@ class MeshHashAvatar(nn.Module):
     def level_mask(self) -> None:
         return None
 
+    @property
+    def active_levels(self) -> int:
+        """Hash levels in use (all: no progressive schedule), for the training log."""
+        return self.cfg.hash_levels
+
     def frame_input(self, landmarks: np.ndarray, mesh: np.ndarray, t: int) -> np.ndarray:
         """What ``condition`` takes for frame t of a track: its mesh (478, 3)."""
         return mesh[t]
