@@ -397,13 +397,13 @@ def render(
         from . import render as render_stage
         from .avatar.data import check_preprocessed
         from .errors import UsageError
-        from .train import AVATARS, model_file
+        from .train import model_file, trained_avatars
         from .workspace import Workspace
 
         ws = Workspace(workspace)
         check_preprocessed(ws)
         if model is None:  # the only trained avatar, else R2-Talker
-            trained = [k for k in AVATARS if ws.path(model_file(k)).is_file()]
+            trained = trained_avatars(ws)
             model = trained[0] if len(trained) == 1 else "r2talker"
         _check_model(model)
         if not ws.path(model_file(model)).is_file():

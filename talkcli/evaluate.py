@@ -65,9 +65,9 @@ def _lmd(a: np.ndarray | None, b: np.ndarray | None) -> tuple[float, float]:
 
 def _trained(ws: Workspace, models: list[str] | None) -> list[str]:
     from .errors import InputError
-    from .train import AVATARS, model_file
+    from .train import trained_avatars
 
-    kinds = list(models) if models else [k for k in AVATARS if ws.path(model_file(k)).is_file()]
+    kinds = list(models) if models else trained_avatars(ws)
     if not kinds:
         raise InputError(f"no trained avatar in {ws.root}; run `talk train {ws.root}` first")
     return kinds
