@@ -138,7 +138,7 @@ def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | 
     if source_ws is not None:  # per-vertex transfer of the other subject's expressions, frame for frame
         from .motion.mesh import transfer_mesh
 
-        src_mesh = transfer_mesh(ws, source_ws)
+        src_mesh = transfer_mesh(ws, source_ws, scale)
         mesh = src_mesh[np.minimum(np.arange(n), len(src_mesh) - 1)]
     return Track(landmarks, r, t, fps, float(seconds), sound, what, pose, mesh)
 

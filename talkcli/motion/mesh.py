@@ -16,8 +16,9 @@ from ..errors import InputError
 from ..workspace import Workspace
 
 
-def _model(ws: Workspace):
-    fit = np.load(ws.path("facefit.npz"))
+def _model(ws: Workspace, fit=None):
+    """(neutral, basis) of the workspace's built-in face model (``fit``: its facefit.npz, when loaded)."""
+    fit = np.load(ws.path("facefit.npz")) if fit is None else fit
     if str(fit["model"]) != "builtin" or "basis" not in fit:
         raise InputError(f"{ws.root}: the meshhash avatar is driven through the built-in face model "
                          "(rerun `talk preprocess` without --flame)")
@@ -35,16 +36,16 @@ def mesh_from_landmarks(ws: Workspace, landmarks: np.ndarray, ridge: float = 1e-
     return (neutral[None] + np.einsum("tk,kpd->tpd", coeff, basis)).astype(np.float32)
 
 
-def transfer_mesh(ws: Workspace, other: Workspace) -> np.ndarray:
-    """(T, 478, 3) the other subject's tracked expressions on this subject's face."""
-    from ..avatar.data import subject_landmarks, tracked_landmarks
+def transfer_mesh(ws: Workspace, other: Workspace, scale: float) -> np.ndarray:
+    """(T, 478, 3) the other subject's tracked expressions on this subject's face, whose face width
+    is ``scale`` (metres; ``audio2motion.face_scale`` of its tracked landmarks)."""
+    from ..avatar.data import tracked_landmarks
     from .audio2motion import face_scale
 
     neutral, _ = _model(ws)
-    other_neutral, _ = _model(other)
     fit = np.load(other.path("facefit.npz"))
-    other_mesh, _ = tracked_landmarks(fit, np.arange(fit["landmarks3d"].shape[1]))
-    own, ok = subject_landmarks(ws)
-    theirs, their_ok = subject_landmarks(other)
-    ratio = face_scale(own[ok]) / face_scale(theirs[their_ok])
+    other_neutral, _ = _model(other, fit)
+    other_mesh, ok = tracked_landmarks(fit, np.arange(fit["landmarks3d"].shape[1]))
+    idx68 = np.load(other.path("landmarks.npz"))["ibug68_index"].astype(np.int64)
+    ratio = scale / face_scale(other_mesh[ok][:, idx68])
     return (neutral[None] + (other_mesh - other_neutral[None]) * ratio).astype(np.float32)
