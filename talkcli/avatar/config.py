@@ -20,7 +20,17 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 
 @dataclass(frozen=True)
-class R2TalkerModel:
+class TorsoModel:
+    """The RAD-NeRF-style 2D torso both avatars use: deformation by head pose + 2D hash grid."""
+
+    torso_levels: int = 12
+    torso_features: int = 2
+    torso_log2_table: int = 16
+    torso_hidden: int = 64
+
+
+@dataclass(frozen=True)
+class R2TalkerModel(TorsoModel):
     """R2-Talker's networks (paper Table 6 in the r2talker-paper preset)."""
 
     # landmark encoder: 68 pose-normalised 3D landmarks of `window` frames -> hash grid -> FCs
@@ -49,11 +59,6 @@ class R2TalkerModel:
     # progressive hash levels (Conditional Progressive Optimization)
     progressive: bool = True
     start_levels: int = 4
-    # torso (RAD-NeRF style, 2D): deformation by head pose + 2D hash grid
-    torso_levels: int = 12
-    torso_features: int = 2
-    torso_log2_table: int = 16
-    torso_hidden: int = 64
     # geometry / sampling
     occupancy_resolution: int = 128
     steps_per_ray: int = 128      # lattice steps across the box diagonal
@@ -89,7 +94,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class MeshHashModel:
+class MeshHashModel(TorsoModel):
     """The mesh-anchored hash-table blendshape avatar (MonoAvatar++; meshhash-paper holds the
     paper's values: Tab. A, supplementary C and D)."""
 
@@ -127,11 +132,6 @@ class MeshHashModel:
     warp_depth: int = 5
     warp_width: int = 128
     warp_branch_depth: int = 2
-    # torso (the R2-Talker one: RAD-NeRF style, 2D)
-    torso_levels: int = 12
-    torso_features: int = 2
-    torso_log2_table: int = 16
-    torso_hidden: int = 64
     # geometry / sampling
     occupancy_resolution: int = 128
     steps_per_ray: int = 128

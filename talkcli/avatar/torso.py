@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..ops.hashgrid import HashGrid, HashGridSpec
-from .config import R2TalkerModel
+from .config import TorsoModel
 
 POSE_DIM = 12  # rotation (9) and translation (3, in decimetres) relative to the clip's mean pose
 
@@ -30,7 +30,7 @@ def positional(x: torch.Tensor, bands: int) -> torch.Tensor:
 
 
 class Torso(nn.Module):
-    def __init__(self, m: R2TalkerModel, pose_mean: np.ndarray):
+    def __init__(self, m: TorsoModel, pose_mean: np.ndarray):
         super().__init__()
         self.register_buffer("pose_mean", torch.as_tensor(pose_mean, dtype=torch.float32).reshape(POSE_DIM))
         h = m.torso_hidden
