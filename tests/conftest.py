@@ -37,6 +37,20 @@ def talk(*args: str, check: bool = False, timeout: float = 300) -> subprocess.Co
     return proc
 
 
+def interrupt_at(trainer, iteration: int) -> None:
+    """Run an avatar trainer until Ctrl-C arrives at ``iteration`` (the user pressing it)."""
+    real_step = trainer.step
+
+    def step(it):
+        if it == iteration:
+            raise KeyboardInterrupt
+        return real_step(it)
+
+    trainer.step = step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+
+
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES

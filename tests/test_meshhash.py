@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLIP, VFR_CLIP, WAV_24BIT, talk
+from conftest import CLIP, VFR_CLIP, WAV_24BIT, interrupt_at, talk
 from talkcli.avatar.config import load_preset
 from talkcli.workspace import Workspace
 
@@ -281,16 +281,7 @@ def test_interrupted_meshhash_training_resumes_where_it_stopped(subject, tmp_pat
                                {n: ws.record(n)["output_key"] for n in UPSTREAM})
 
     tr = trainer()
-    real_step = tr.step
-
-    def step(it):
-        if it == 17:
-            raise KeyboardInterrupt
-        return real_step(it)
-
-    tr.step = step
-    with pytest.raises(KeyboardInterrupt):
-        tr.run()
+    interrupt_at(tr, 17)
     assert (ws_path / "models/meshhash/checkpoint.pt").is_file()
     saved = {k: v.clone() for k, v in tr.model.state_dict().items()}
     saved_steps = {k: int(s["step"]) for k, s in tr.head_opt.state_dict()["state"].items()}

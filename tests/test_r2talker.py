@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLIP, talk
+from conftest import CLIP, interrupt_at, talk
 from talkcli.avatar.config import load_preset
 from talkcli.avatar.data import load_subject
 from talkcli.avatar.fields import ConditionedMLP
@@ -155,16 +155,7 @@ def test_interrupted_training_resumes_at_the_same_iteration_and_optimizer_state(
     preset = load_preset("r2talker-tiny", ["train.iterations=40", "train.torso_iterations=10",
                                            "train.checkpoint_every=1000", "train.val_every=100000"])
     tr = _trainer(ws, preset)
-    real_step = tr.step
-
-    def step(it):
-        if it == 23:
-            raise KeyboardInterrupt
-        return real_step(it)
-
-    tr.step = step
-    with pytest.raises(KeyboardInterrupt):
-        tr.run()
+    interrupt_at(tr, 23)
     assert tr.state.iteration == 23
     saved_params = {k: v.clone() for k, v in tr.model.state_dict().items()}
     saved_opt = tr.head_opt.state_dict()
