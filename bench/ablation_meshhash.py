@@ -15,7 +15,6 @@ Prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from variants import train_variant  # noqa: E402
+from variants import train_variant, variant_args  # noqa: E402
 
 from talkcli import evaluate, progress, train  # noqa: E402
 from talkcli.avatar.data import load_subject  # noqa: E402
@@ -68,12 +67,7 @@ def knn_study(ws: Workspace) -> list[tuple]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workspace", type=Path)
-    ap.add_argument("--preset", default="meshhash-cpu")
-    ap.add_argument("--iterations", type=int, default=1200)
-    ap.add_argument("--torso-iterations", type=int, default=200)
-    args = ap.parse_args()
+    args = variant_args(__doc__, "meshhash-cpu", 1200, 200)
     progress.set_quiet(True)
     rows, knn_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,14 +16,13 @@ Prints a markdown table (PSNR, SSIM, LMD mouth / face, train seconds).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from variants import train_variant  # noqa: E402
+from variants import train_variant, variant_args  # noqa: E402
 
 from talkcli import evaluate, progress  # noqa: E402
 
@@ -36,12 +35,7 @@ VARIANTS = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workspace", type=Path)
-    ap.add_argument("--preset", default="r2talker-cpu")
-    ap.add_argument("--iterations", type=int, default=2000)
-    ap.add_argument("--torso-iterations", type=int, default=300)
-    args = ap.parse_args()
+    args = variant_args(__doc__, "r2talker-cpu", 2000, 300)
     progress.set_quiet(True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,6 +3,7 @@ preset and overrides at a given budget (shared by the ablation scripts)."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
 from pathlib import Path
@@ -29,3 +30,13 @@ def train_variant(source: Path, tmp: Path, preset_name: str, overrides: list[str
     with ws.locked("ablation"):
         summary = train.run(ws, preset, force=True)
     return ws, summary, time.time() - t0
+
+
+def variant_args(doc: str, preset: str, iterations: int, torso_iterations: int) -> argparse.Namespace:
+    """The ablation scripts' command line: WORKSPACE [--preset] [--iterations] [--torso-iterations]."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workspace", type=Path)
+    ap.add_argument("--preset", default=preset)
+    ap.add_argument("--iterations", type=int, default=iterations)
+    ap.add_argument("--torso-iterations", type=int, default=torso_iterations)
+    return ap.parse_args()
