@@ -46,7 +46,7 @@ def main() -> None:
     mdata, lmk, neutral, scale, train, hold = stage.subject_data(ws, preset.train.holdout_fraction)
     motion = stage.load(ws.path(stage.MOTION_FILE))
     pred = neutral + motion.predict_offsets(mdata.features) * scale
-    win = audio_windows(mdata.features, 16, 4)
+    win = audio_windows(mdata.features["mel"], 16, 4)
     nn = train[((win[:, None, :] - win[None, train, :]) ** 2).sum(-1).argmin(1)]
     tracks = {"audio2motion": pred, "mean expression": np.broadcast_to(neutral, lmk.shape),
               "audio retrieval": lmk[nn], "tracked (upper bound)": lmk}

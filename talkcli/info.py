@@ -12,7 +12,7 @@ from .media.ffmpeg import ffmpeg_exe, ffmpeg_version
 from .models import OPTIONAL_MODELS, check, models_root
 from .ops._native import status as native_status
 
-PACKAGES = ("torch", "numpy", "mediapipe", "opencv-contrib-python", "librosa", "av", "typer", "rich",
+PACKAGES = ("torch", "numpy", "mediapipe", "opencv-contrib-python", "librosa", "pocketsphinx", "av", "typer", "rich",
             "imageio-ffmpeg", "tinycudann")
 
 

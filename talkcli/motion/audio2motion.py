@@ -4,17 +4,21 @@ R2-Talker drives its avatar with landmarks from GeneFace's pretrained audio-to-m
 whose weights are not available here. This one is learned where the data is, and a few minutes of
 one person is little data, so the model is small and chosen by cross-validation:
 
-    log-mel (4 windows per video frame, 80 bins) pooled into B bands, frames t-c..t+c,
-      standardised --regressor--> landmark offsets (68 x 3, face-scale units)
+    audio features (T, 4, C) -- pooled into B bands, frames t+lag-c..t+lag+c, standardised
+      --regressor--> landmark offsets (68 x 3, face-scale units)
       --Gaussian smoothing over time--> x face scale + neutral = landmarks in the head frame
 
-Two regressors compete: k-nearest-neighbour regression (the mean offsets of the k training frames
-whose audio windows are closest: it keeps the subject's real mouth shapes) and ridge regression
-onto the K leading components of a PCA of the offsets. Offsets are divided by the face width so
-that several subjects share one space in ``train-motion``. The regressor, B, c, k or (K, ridge
-strength) and the smoothing are picked by 5-fold cross-validation over contiguous blocks of the
-training frames (never the held-out ones), scored by the mouth landmarks' error relative to the
-mean expression's minus the correlation of the mouth opening (``_sync_score``).
+Two feature sources compete: log-mel (80 bins) and viseme classes from a phone recogniser
+(``phonetic.py``; English, when pocketsphinx is installed). Two regressors compete: k-nearest-
+neighbour regression (the mean offsets of the k training frames whose windows are closest) and
+ridge regression onto the K leading components of a PCA of the offsets (K = 0: all of them).
+``lag`` shifts the window later in the audio: lips move before the sound they make (and clips
+carry small audio/video offsets), about 100 ms on the fixture. Offsets are divided by the face
+width so that several subjects share one space in ``train-motion``. The source, regressor, B, c,
+lag, k or (K, ridge strength) and the smoothing are picked by 5-fold cross-validation over
+contiguous blocks of the training frames (never the held-out ones), scored by the mouth
+landmarks' error relative to the mean expression's minus the correlation of the mouth opening
+(``_sync_score``).
 """
 
 from __future__ import annotations
@@ -30,16 +34,26 @@ MOUTH = slice(48, 68)
 
 @dataclass(frozen=True)
 class MotionConfig:
-    bands: tuple[int, ...] = (1, 4, 16)          # mel bands after pooling the 80 bins
-    contexts: tuple[int, ...] = (2, 4, 8)        # frames on each side
-    components: tuple[int, ...] = (2, 4, 8)      # K
-    ridge: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+    sources: tuple[str, ...] = ("mel", "visemes")  # "visemes" is skipped when pocketsphinx is missing
+    bands: tuple[int, ...] = (1, 4, 16)          # mel bands after pooling the 80 bins (visemes: not pooled)
+    contexts: tuple[int, ...] = (0, 1, 2, 4, 8)  # frames on each side
+    lags: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)  # frames the window sits later in the audio
+    components: tuple[int, ...] = (0,)           # K (0: every offset dimension)
+    ridge: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
     smoothing: tuple[float, ...] = (0.5, 1.0, 2.0)  # Gaussian sigma in frames
     # k <= 10: averaging more neighbours pulls every mouth towards the mean shape (a mouth that
     # barely moves scores well on landmark error and looks dead; see _sync_score)
     neighbours: tuple[int, ...] = (1, 3, 5, 10)
-    kinds: tuple[str, ...] = ("knn",)            # "ridge" too: on a few minutes of one person it
-    folds: int = 5                               # collapses to the mean expression (docs/results.md)
+    kinds: tuple[str, ...] = ("knn", "ridge")
+    folds: int = 5
+
+    def windows(self, sources: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
+        """Every (source, bands, context, lag) to try."""
+        out = []
+        for src in sources:
+            for bands in (self.bands if src == "mel" else (0,)):
+                out += [(src, bands, c, lag) for c, lag in itertools.product(self.contexts, self.lags)]
+        return out
 
 
 def face_scale(landmarks: np.ndarray) -> float:
@@ -47,12 +61,13 @@ def face_scale(landmarks: np.ndarray) -> float:
     return float(np.median(np.linalg.norm(landmarks[:, 0] - landmarks[:, 16], axis=-1)))
 
 
-def audio_windows(features: np.ndarray, bands: int = 80, context: int = 8) -> np.ndarray:
-    """(T, 4, 80) per-frame log-mel -> (T, (2c+1)*4*bands): bins pooled into ``bands``, frames
-    t-c..t+c (edges repeated)."""
+def audio_windows(features: np.ndarray, bands: int = 0, context: int = 8, lag: int = 0) -> np.ndarray:
+    """(T, 4, C) per-frame features -> (T, (2c+1)*4*bands): the C channels pooled into ``bands``
+    (0: kept), frames t+lag-c..t+lag+c (edges repeated)."""
     t, k, m = features.shape
+    bands = bands or m
     pooled = features.reshape(t, k, bands, m // bands).mean(-1).reshape(t, -1)
-    idx = np.clip(np.arange(t)[:, None] + np.arange(-context, context + 1)[None, :], 0, t - 1)
+    idx = np.clip(np.arange(t)[:, None] + lag + np.arange(-context, context + 1)[None, :], 0, t - 1)
     return pooled[idx].reshape(t, -1)
 
 
@@ -82,10 +97,13 @@ class MotionModel:
     offset_mean: np.ndarray   # (68*3,)
     subjects: list[str]
     cv_score: float           # the selected setting's cross-validated _sync_score
+    source: str = "mel"       # which features ("mel" or "visemes"); models before format 3: mel
+    lag: int = 0
 
-    def predict_offsets(self, features: np.ndarray) -> np.ndarray:
-        """(T, 4, 80) log-mel -> (T, 68, 3) landmark offsets in face-scale units (smoothed)."""
-        x = (audio_windows(features, self.bands, self.context) - self.feat_mean) / self.feat_std
+    def predict_offsets(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Audio features by source ({"mel": (T, 4, 80), "visemes": ...}) -> (T, 68, 3) landmark
+        offsets in face-scale units (smoothed)."""
+        x = (audio_windows(features[self.source], self.bands, self.context, self.lag) - self.feat_mean) / self.feat_std
         if self.kind == "knn":
             out = _knn(self.weights, self.basis, x, self.neighbours)
         else:
@@ -93,7 +111,7 @@ class MotionModel:
         return gaussian_smooth(out, self.smoothing).reshape(-1, 68, 3).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"format": 2, **dataclasses.asdict(self)}
+        return {"format": 3, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MotionModel":
@@ -103,20 +121,34 @@ class MotionModel:
 
 @dataclass
 class MotionData:
-    """One subject's frames for motion training: features (T, 4, 80), landmark offsets from the
-    subject's mean in face-scale units (T, 68, 3), and which frames to learn from."""
+    """One subject's frames for motion training: features by source, each (T, 4, C); landmark
+    offsets from the subject's neutral shape (T, 68, 3) and that shape (68, 3), both in face-scale
+    units; and which frames to learn from."""
 
     name: str
-    features: np.ndarray
+    features: dict[str, np.ndarray]
     offsets: np.ndarray
+    neutral: np.ndarray
     use: np.ndarray
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
-    xb = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
-    reg = lam * np.eye(xb.shape[1])
-    reg[-1, -1] = 0.0  # no penalty on the bias
-    return np.linalg.solve(xb.T @ xb + reg, xb.T @ y)
+class _RidgePath:
+    """Ridge fits of centred y on centred x for many strengths from one eigendecomposition: of
+    x^T x when there are more frames than features, else of x x^T (the dual)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x_mean, self.y_mean = x.mean(0), y.mean(0)
+        xc, yc = x - self.x_mean, y - self.y_mean
+        self.dual = xc.shape[0] < xc.shape[1]
+        gram = xc @ xc.T if self.dual else xc.T @ xc
+        self.s, self.v = np.linalg.eigh(gram)
+        self.xc, self.vty = xc, self.v.T @ (yc if self.dual else xc.T @ yc)
+
+    def weights(self, lam: float) -> np.ndarray:
+        """(D + 1, Y) weights, the last row the bias."""
+        coef = self.v @ (self.vty / (np.maximum(self.s, 0.0) + lam)[:, None])
+        w = self.xc.T @ coef if self.dual else coef
+        return np.concatenate([w, (self.y_mean - self.x_mean @ w)[None]], axis=0)
 
 
 def _knn(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
@@ -138,73 +170,75 @@ def _mouth_err(pred_offsets: np.ndarray, true_offsets: np.ndarray) -> float:
     return float(np.linalg.norm(p - t, axis=-1).mean())
 
 
-def _sync_score(pred_offsets: np.ndarray, true_offsets: np.ndarray, mean_err: float) -> float:
+def _sync_score(pred_offsets: np.ndarray, true_offsets: np.ndarray, neutral: np.ndarray, mean_err: float) -> float:
     """What cross-validation minimises: mouth landmark error relative to the mean expression's,
     minus the correlation of the mouth opening with the truth. Landmark error alone rewards a
-    mouth that does not move (the mean); lip sync is the opening following the speech."""
-    p = pred_offsets.reshape(len(pred_offsets), 68, 3)
-    t = true_offsets.reshape(len(true_offsets), 68, 3)
+    mouth that does not move (the mean); lip sync is the opening following the speech. The
+    opening is measured on the shapes (``neutral`` + offsets, per frame), not on the offsets."""
+    p = neutral + pred_offsets.reshape(len(pred_offsets), 68, 3)
+    t = neutral + true_offsets.reshape(len(true_offsets), 68, 3)
     a, b = mouth_opening(p), mouth_opening(t)
     corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 1e-9 and b.std() > 1e-9 else 0.0
     return _mouth_err(pred_offsets, true_offsets) / max(mean_err, 1e-9) - corr
 
 
-def _cv_score(x: np.ndarray, ys: np.ndarray, fold: np.ndarray, folds: int, smoothing: float, predict) -> float:
-    """Mean ``_sync_score`` over the folds of ``predict(x_train, y_train, x_test) -> offsets``, with
-    the features standardised on each fold's training part and the prediction smoothed in time."""
-    err = []
-    for f in range(folds):
-        tr, te = fold != f, fold == f
-        if te.sum() == 0 or tr.sum() < 2:
-            continue
-        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
-        pred = gaussian_smooth(predict((x[tr] - mu) / sd, ys[tr], (x[te] - mu) / sd), smoothing)
-        base = _mouth_err(np.broadcast_to(ys[tr].mean(0), ys[te].shape), ys[te])
-        err.append(_sync_score(pred, ys[te], base))
-    return float(np.mean(err))
+def _candidates(cfg: MotionConfig, xtr: np.ndarray, ytr: np.ndarray, basis: dict[int, np.ndarray],
+                offset_mean: np.ndarray):
+    """Every regressor setting's predictor fitted on (xtr, ytr): yields (kind, param, K, predict)."""
+    if "knn" in cfg.kinds:
+        for nb in cfg.neighbours:
+            yield "knn", nb, 0, (lambda xte, nb=nb: _knn(xtr, ytr, xte, nb))
+    if "ridge" in cfg.kinds:
+        for k, b in basis.items():
+            path = _RidgePath(xtr, (ytr - offset_mean) @ b.T)
+            for lam in cfg.ridge:
+                w = path.weights(lam)
+                yield "ridge", lam, k, (lambda xte, w=w, b=b: offset_mean + (xte @ w[:-1] + w[-1]) @ b)
 
 
 def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(), progress_bar=None) -> MotionModel:
     """Select the setting by cross-validation on the ``use`` frames, then fit on all of them."""
+    from . import phonetic
+
+    sources = tuple(s for s in cfg.sources if s in datasets[0].features and (s != "visemes" or phonetic.available()))
     ys = np.concatenate([d.offsets[d.use].reshape(len(d.use), -1) for d in datasets]).astype(np.float64)
+    neutral = np.concatenate([np.broadcast_to(d.neutral, (len(d.use), 68, 3)) for d in datasets])
     offset_mean = ys.mean(0)
     _, _, vt = np.linalg.svd(ys - offset_mean, full_matrices=False)
+    basis = {k: (vt[: min(k, vt.shape[0])] if k > 0 else np.eye(ys.shape[1])) for k in cfg.components}
     # contiguous blocks per subject as folds: neighbouring frames are too alike to test each other
     fold = np.concatenate([np.arange(len(d.use)) * cfg.folds // max(1, len(d.use)) for d in datasets])
-    best = None
-    settings = list(itertools.product(cfg.bands, cfg.contexts))
-    for bands, context in settings:
-        x = np.concatenate([audio_windows(d.features, bands, context)[d.use] for d in datasets]).astype(np.float64)
-        for k in cfg.components if "ridge" in cfg.kinds else ():
-            basis = vt[: min(k, vt.shape[0])]
-            for lam in cfg.ridge:
-
-                def ridge(xtr, ytr, xte, basis=basis, lam=lam):
-                    w = _ridge(xtr, (ytr - offset_mean) @ basis.T, lam)
-                    return offset_mean + (xte @ w[:-1] + w[-1]) @ basis
-
+    scores: dict[tuple, list[float]] = {}
+    for src, bands, context, lag in cfg.windows(sources):
+        x = np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets]).astype(np.float64)
+        for f in range(cfg.folds):
+            tr, te = fold != f, fold == f
+            if te.sum() == 0 or tr.sum() < 2:
+                continue
+            mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
+            xtr, xte = (x[tr] - mu) / sd, (x[te] - mu) / sd
+            base = _mouth_err(np.broadcast_to(ys[tr].mean(0), ys[te].shape), ys[te])
+            for kind, param, k, predict in _candidates(cfg, xtr, ys[tr], basis, offset_mean):
+                pred = predict(xte)
                 for sm in cfg.smoothing:
-                    score = _cv_score(x, ys, fold, cfg.folds, sm, ridge)
-                    if best is None or score < best[0]:
-                        best = (score, bands, context, k, lam, sm)
-        for nb in cfg.neighbours if "knn" in cfg.kinds else ():
-            for sm in cfg.smoothing:
-                score = _cv_score(x, ys, fold, cfg.folds, sm, lambda xtr, ytr, xte, nb=nb: _knn(xtr, ytr, xte, nb))
-                if best is None or score < best[0]:
-                    best = (score, bands, context, -nb, 0.0, sm)
+                    score = _sync_score(gaussian_smooth(pred, sm), ys[te], neutral[te], base)
+                    scores.setdefault((src, bands, context, lag, kind, param, k, sm), []).append(score)
         if progress_bar is not None:
             progress_bar.advance()
-    score, bands, context, k, lam, sm = best
-    x = np.concatenate([audio_windows(d.features, bands, context)[d.use] for d in datasets]).astype(np.float64)
+    (src, bands, context, lag, kind, param, k, sm), score = min(((key, float(np.mean(v))) for key, v in scores.items()),
+                                                               key=lambda kv: kv[1])
+    x = np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets]).astype(np.float64)
     mu, sd = x.mean(0), x.std(0) + 1e-3
-    if k < 0:  # k-nearest neighbours
-        xn = ((x - mu) / sd).astype(np.float32)
-        return MotionModel("knn", -k, bands, context, sm, 0.0, mu.astype(np.float32), sd.astype(np.float32), xn,
-                           ys.astype(np.float32), offset_mean.astype(np.float32), [d.name for d in datasets], score)
-    basis = vt[: min(k, vt.shape[0])]
-    w = _ridge((x - mu) / sd, (ys - offset_mean) @ basis.T, lam)
-    return MotionModel("ridge", 0, bands, context, sm, lam, mu.astype(np.float32), sd.astype(np.float32), w.astype(np.float32),
-                       basis.astype(np.float32), offset_mean.astype(np.float32), [d.name for d in datasets], score)
+    xn = (x - mu) / sd
+    names = [d.name for d in datasets]
+    if kind == "knn":
+        return MotionModel("knn", param, bands, context, sm, 0.0, mu.astype(np.float32), sd.astype(np.float32),
+                           xn.astype(np.float32), ys.astype(np.float32), offset_mean.astype(np.float32), names, score,
+                           src, lag)
+    w = _RidgePath(xn, (ys - offset_mean) @ basis[k].T).weights(param)
+    return MotionModel("ridge", 0, bands, context, sm, param, mu.astype(np.float32), sd.astype(np.float32),
+                       w.astype(np.float32), basis[k].astype(np.float32), offset_mean.astype(np.float32), names, score,
+                       src, lag)
 
 
 def mouth_error(pred: np.ndarray, true: np.ndarray, scale: float) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, MissingModel, UsageError
 from ..workspace import Workspace
 from .audio2motion import face_scale
 
@@ -29,9 +29,10 @@ def _ibug68() -> np.ndarray:
     return np.asarray(idx, dtype=np.int64)
 
 
-def audio_features(path: Path, fps: float) -> tuple[np.ndarray, float]:
-    """Log-mel features (T, 4, 80) of any audio file ffmpeg reads, at the subject's frame rate,
-    T = round(duration * fps); and the duration in seconds."""
+def audio_features(path: Path, fps: float, visemes: bool = False) -> tuple[dict[str, np.ndarray], float]:
+    """Features of any audio file ffmpeg reads at the subject's frame rate, T = round(duration * fps):
+    {"mel": (T, 4, 80) log-mel} and, with ``visemes``, the phone recogniser's {"visemes": (T, 4, V)};
+    and the duration in seconds."""
     from ..config import PreprocessConfig
     from ..media.audio import load_audio
     from ..preprocess.audio_features import logmel
@@ -45,7 +46,15 @@ def audio_features(path: Path, fps: float) -> tuple[np.ndarray, float]:
     n = int(round(seconds * fps))
     if n < 1:
         raise InputError(f"--audio {path.name} is empty (no audio samples)")
-    return logmel(samples, cfg.sample_rate, fps, n, cfg), seconds
+    feats = {"mel": logmel(samples, cfg.sample_rate, fps, n, cfg)}
+    if visemes:
+        from . import phonetic
+
+        if not phonetic.available():
+            raise MissingModel("this motion model reads visemes from speech: install the phone recogniser "
+                                    "with `pip install pocketsphinx`")
+        feats["visemes"] = phonetic.viseme_features(samples, cfg.sample_rate, fps, n, cfg.mel_per_frame)
+    return feats, seconds
 
 
 def offsets_from_landmarks(lmk: np.ndarray) -> np.ndarray:

@@ -21,12 +21,13 @@ from .. import progress
 from ..avatar.data import check_preprocessed, subject_landmarks
 from ..errors import InputError
 from ..workspace import Workspace, atomic_path, run_stage, write_json
+from . import phonetic
 from .audio2motion import (MotionConfig, MotionData, MotionModel, audio_windows, face_scale, fit, mouth_error,
                            mouth_opening)
 
 MOTION_FILE = "models/motion/motion.pt"
 MOTION_EVAL = "models/motion/eval.json"
-CODE_VERSION = 2
+CODE_VERSION = 3
 UPSTREAM = ("landmarks", "facefit", "audio_features")
 
 
@@ -36,10 +37,10 @@ def subject_data(ws: Workspace, holdout_fraction: float, name: str | None = None
     if not feats_path.is_file():
         raise InputError(f"workspace {ws.root} has no audio (its video has no sound track): the audio-to-motion "
                          "model needs the subject speaking")
-    features = np.load(feats_path)["features"].astype(np.float32)
+    features = subject_features(ws)
     lmk, ok = subject_landmarks(ws)
-    n = min(len(features), len(lmk))
-    features, lmk, ok = features[:n], lmk[:n], ok[:n]
+    n = min(len(features["mel"]), len(lmk))
+    features, lmk, ok = {k: v[:n] for k, v in features.items()}, lmk[:n], ok[:n]
     n_hold = int(round(n * holdout_fraction))
     train = np.flatnonzero(ok[: n - n_hold])
     hold = np.arange(n - n_hold, n)
@@ -48,7 +49,21 @@ def subject_data(ws: Workspace, holdout_fraction: float, name: str | None = None
     scale = face_scale(lmk[ok])
     neutral = lmk[train].mean(0)
     offsets = (lmk - neutral) / scale
-    return MotionData(name or ws.root.name, features, offsets, train), lmk, neutral, scale, train, hold
+    return MotionData(name or ws.root.name, features, offsets, neutral / scale, train), lmk, neutral, scale, train, hold
+
+
+def subject_features(ws: Workspace) -> dict[str, np.ndarray]:
+    """The workspace's log-mel features and, when the phone recogniser is installed, its viseme
+    features at the same window centres."""
+    mel = np.load(ws.path("audio/features.npz"))
+    out = {"mel": mel["features"].astype(np.float32)}
+    if phonetic.available():
+        from ..media.audio import load_audio
+
+        samples = load_audio(ws.path("audio/audio.wav"), 16000)
+        out["visemes"] = phonetic.viseme_features(samples, 16000, float(mel["fps"]), len(out["mel"]),
+                                                  int(mel["per_frame"]))
+    return out
 
 
 def evaluate(model: MotionModel, data: MotionData, lmk: np.ndarray, neutral: np.ndarray, scale: float,
@@ -59,7 +74,7 @@ def evaluate(model: MotionModel, data: MotionData, lmk: np.ndarray, neutral: np.
     true = lmk[hold]
     pred = neutral + model.predict_offsets(data.features)[hold] * scale
     mean = np.broadcast_to(neutral, true.shape)
-    win = audio_windows(data.features, 16, 4)
+    win = audio_windows(data.features["mel"], 16, 4)
     dist = ((win[hold][:, None, :] - win[train][None, :, :]) ** 2).sum(-1)
     retrieval = lmk[train[dist.argmin(1)]]
 
@@ -71,7 +86,9 @@ def evaluate(model: MotionModel, data: MotionData, lmk: np.ndarray, neutral: np.
     for name, p in (("audio2motion", pred), ("mean_expression", mean), ("audio_retrieval", retrieval)):
         out[name] = {"mouth_mm": round(mouth_error(p, true, 1.0), 3), "opening_corr": round(corr(p), 3)}
     out["frames"] = [int(hold[0]), int(hold[-1])]
-    out["selected"] = {"kind": model.kind, "neighbours": model.neighbours, "bands": model.bands, "context": model.context, "components": int(model.basis.shape[0]) if model.kind == "ridge" else None,
+    out["selected"] = {"source": model.source, "kind": model.kind, "neighbours": model.neighbours, "bands": model.bands,
+                       "context": model.context, "lag": model.lag,
+                       "components": int(model.basis.shape[0]) if model.kind == "ridge" else None,
                        "smoothing": model.smoothing, "ridge": model.ridge, "cv_score": round(model.cv_score, 4)}
     return out
 
@@ -84,11 +101,11 @@ def run(ws: Workspace, holdout_fraction: float = 0.1, cfg: MotionConfig = Motion
     if rec is None or not ws.path("audio/features.npz").is_file():
         raise InputError(f"workspace {ws.root} has no audio features (no sound track?): the motion model needs them")
     upstream = {name: ws.record(name)["output_key"] for name in UPSTREAM}
-    config = {"holdout_fraction": holdout_fraction, **dataclasses.asdict(cfg)}
+    config = {"holdout_fraction": holdout_fraction, **dataclasses.asdict(cfg), "visemes": phonetic.available()}
 
     def fn() -> dict:
         data, lmk, neutral, scale, train, hold = subject_data(ws, holdout_fraction)
-        with progress.bar("train motion", len(cfg.bands) * len(cfg.contexts), unit="settings") as bar:
+        with progress.bar("train motion", len(cfg.windows(tuple(data.features))), unit="settings") as bar:
             model = fit([data], cfg, bar)
         result = evaluate(model, data, lmk, neutral, scale, train, hold)
         ws.path("models/motion").mkdir(parents=True, exist_ok=True)
@@ -112,7 +129,7 @@ def train_general(workspaces: list[Workspace], out: Path, holdout_fraction: floa
                   cfg: MotionConfig = MotionConfig()) -> dict:
     """One model from several workspaces (``talk train-motion``), evaluated on each one's held-out frames."""
     sets = [subject_data(ws, holdout_fraction, name=str(ws.root)) for ws in workspaces]
-    with progress.bar("train motion", len(cfg.bands) * len(cfg.contexts), unit="settings") as bar:
+    with progress.bar("train motion", len(cfg.windows(tuple(sets[0][0].features))), unit="settings") as bar:
         model = fit([s[0] for s in sets], cfg, bar)
     with atomic_path(Path(out)) as tmp:
         torch.save(model.to_dict(), tmp)

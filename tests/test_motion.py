@@ -1,0 +1,129 @@
+"""The audio-to-motion model: its pieces, and the issue's target on the real fixture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CLIP, VFR_CLIP, WAV_16K, talk
+from talkcli.motion import phonetic, stage
+from talkcli.motion.audio2motion import (MotionConfig, _RidgePath, _sync_score, audio_windows, fit, mouth_opening)
+from talkcli.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory):
+    """The two fixture clips preprocessed at 128² (the motion model reads landmarks and audio only)."""
+    root = tmp_path_factory.mktemp("motion")
+    out = []
+    for name, clip in (("th", CLIP), ("vfr", VFR_CLIP)):
+        talk("--quiet", "preprocess", clip, "-w", root / name, "--size", "128", check=True, timeout=600)
+        out.append(root / name)
+    return out
+
+
+def test_audio_windows_shift_by_lag_and_repeat_edges():
+    t = 10
+    feats = np.arange(t, dtype=np.float32)[:, None, None] * np.ones((1, 4, 2), np.float32)
+    w = audio_windows(feats, 0, context=1, lag=2).reshape(t, 3, 4, 2)[..., 0, 0]
+    assert w[0].tolist() == [1, 2, 3]          # frames t+lag-1 .. t+lag+1
+    assert w[-1].tolist() == [9, 9, 9]         # past the end: the last frame repeated
+    pooled = audio_windows(np.random.default_rng(0).normal(size=(t, 4, 8)).astype(np.float32), 2, 0, 0)
+    assert pooled.shape == (t, 4 * 2)
+
+
+def test_sync_score_measures_the_opening_of_the_shapes_not_of_the_offsets():
+    """The lower lip moves above and below the neutral shape's opening: the opening follows the
+    signed motion, which the norm of the offsets alone (the old score's bug) cannot see."""
+    neutral = np.zeros((68, 3))
+    neutral[66, 1] = -0.05                       # a mouth open by 0.05 face widths at rest
+    a = 0.02 * np.sin(np.linspace(0, 6 * np.pi, 90))
+    true = np.zeros((90, 68, 3))
+    true[:, 66, 1] = -a
+    pred = 0.5 * true                            # right direction, half the amplitude
+    base = float(np.abs(a).mean()) / 20          # the mean expression's mouth error
+    score = _sync_score(pred.reshape(90, -1), true.reshape(90, -1), neutral, base)
+    err = float(np.abs(0.5 * a).mean()) / 20
+    assert score == pytest.approx(err / base - 1.0, abs=1e-6)   # correlation 1
+    assert np.corrcoef(mouth_opening(neutral + pred), mouth_opening(neutral + true))[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("frames,features", [(40, 7), (7, 40)], ids=["primal", "dual"])
+def test_ridge_path_equals_the_direct_solve(frames, features):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(frames, features)), rng.normal(size=(frames, 3))
+    path = _RidgePath(x, y)
+    for lam in (0.1, 10.0):
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        w = np.linalg.solve(xc.T @ xc + lam * np.eye(features), xc.T @ yc)
+        got = path.weights(lam)
+        assert np.allclose(got[:-1], w, atol=1e-8)
+        assert np.allclose(x @ got[:-1] + got[-1], y.mean(0) + xc @ w, atol=1e-8)
+
+
+@pytest.mark.skipif(not phonetic.available(), reason="pocketsphinx is not installed")
+def test_visemes_follow_the_speech_in_time():
+    from talkcli.media.audio import load_audio
+
+    speech = load_audio(WAV_16K, 16000)
+    feats = phonetic.viseme_features(speech, 16000, 25.0, 200)
+    assert feats.shape == (200, 4, len(phonetic.VISEMES))
+    assert np.allclose(feats.sum(-1), 1.0)
+    cls = feats.argmax(-1)
+    assert (cls > 0).mean() > 0.6                               # mostly speech
+    assert len(np.unique(cls)) >= 8                             # many mouth shapes, not one label
+    # one second of silence before the speech: silence there, and the phones 25 frames later
+    padded = phonetic.viseme_features(np.concatenate([np.zeros(16000, np.float32), speech]), 16000, 25.0, 225)
+    pcls = padded.argmax(-1)
+    assert (pcls[:24] == 0).mean() > 0.9
+    assert (pcls[25:] == cls).mean() > 0.6                      # the same phones, shifted by the silence
+
+
+def test_motion_beats_both_baselines_on_the_held_out_frames(subjects):
+    """The issue's target: on the fixture's last 20 frames (never trained on), the predicted mouth
+    landmarks are closer to the tracked ones than the mean expression and audio retrieval, and the
+    predicted opening follows the real one."""
+    ws = Workspace(subjects[0])
+    out = stage.run(ws, 0.1)
+    ev = json.loads(ws.path(stage.MOTION_EVAL).read_text())
+    assert out["frames"] == [180, 199] and ev["frames"] == [180, 199]
+    pred = ev["audio2motion"]
+    assert pred["mouth_mm"] < ev["mean_expression"]["mouth_mm"], ev
+    assert pred["mouth_mm"] < ev["audio_retrieval"]["mouth_mm"], ev
+    assert pred["opening_corr"] > 0.3, ev
+    assert ev["selected"]["lag"] > 0        # the lips lead the sound on this clip
+    assert stage.run(ws, 0.1)["skipped"]
+
+
+@pytest.mark.skipif(not phonetic.available(), reason="pocketsphinx is not installed")
+def test_viseme_model_drives_from_new_audio(subjects, tmp_path):
+    """A model that reads visemes (forced here) drives the subject from any audio file."""
+    ws = Workspace(subjects[0])
+    data, lmk, neutral, scale, train, hold = stage.subject_data(ws, 0.1)
+    model = fit([data], MotionConfig(sources=("visemes",), contexts=(0, 1), lags=(2, 3), kinds=("ridge",)))
+    assert model.source == "visemes" and model.lag in (2, 3)
+    ev = stage.evaluate(model, data, lmk, neutral, scale, train, hold)
+    assert ev["audio2motion"]["opening_corr"] > 0.3, ev
+    path = tmp_path / "visemes.pt"
+    import torch
+
+    torch.save({**model.to_dict(), "neutral": neutral, "scale": scale}, path)
+    track = tmp_path / "t.npz"
+    res = json.loads(talk("--quiet", "drive", ws.root, "--audio", WAV_16K, "--motion-model", path, "-o", track,
+                          "--json", check=True).stdout)
+    assert res["frames"] == 200
+    op = mouth_opening(np.load(track)["landmarks"])
+    assert op.std() > 0.2 * mouth_opening(lmk).std()           # the mouth moves with the new speech
+
+
+def test_general_model_from_two_workspaces(subjects, tmp_path):
+    out = tmp_path / "general.pt"
+    res = json.loads(talk("--quiet", "train-motion", *subjects, "-o", out, "--json", check=True, timeout=600).stdout)
+    assert out.is_file() and len(res["subjects"]) == 2
+    for ev in res["eval"].values():
+        assert {"audio2motion", "mean_expression", "audio_retrieval"} <= set(ev)
+    track = tmp_path / "t.npz"
+    talk("--quiet", "drive", subjects[1], "--audio", WAV_16K, "--motion-model", out, "-o", track, check=True)
+    assert np.load(track)["landmarks"].shape[1:] == (68, 3)
