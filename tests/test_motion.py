@@ -63,6 +63,29 @@ def test_ridge_path_equals_the_direct_solve(frames, features):
         assert np.allclose(x @ got[:-1] + got[-1], y.mean(0) + xc @ w, atol=1e-8)
 
 
+@pytest.mark.parametrize("cv_max_frames", [1500, 120], ids=["all-frames", "every-4th-frame"])
+def test_fit_finds_the_lag_of_a_known_relation(cv_max_frames):
+    """Synthetic speech whose 'loudness' 2 frames later opens the mouth: selection finds lag 2,
+    also when it sees only every 4th frame of the clip."""
+    rng = np.random.default_rng(3)
+    t = 480
+    loud = np.repeat(rng.normal(size=t // 4), 4) + 0.1 * rng.normal(size=t)   # syllable-like steps
+    feats = (loud[:, None, None] + 0.2 * rng.normal(size=(t, 4, 80))).astype(np.float32)
+    neutral = np.zeros((68, 3))
+    neutral[66, 1] = -0.05
+    offsets = np.zeros((t, 68, 3))
+    offsets[:, 66, 1] = -0.01 * np.roll(loud, -2)                                # frame i follows audio i+2
+    offsets += 0.001 * rng.normal(size=offsets.shape)
+    from talkcli.motion.audio2motion import MotionData
+
+    data = MotionData("synthetic", {"mel": feats}, offsets, neutral, np.arange(t - 4))
+    cfg = MotionConfig(sources=("mel",), bands=(1,), contexts=(0, 1), lags=(0, 1, 2, 3, 4), cv_max_frames=cv_max_frames)
+    model = fit([data], cfg)
+    assert model.lag == 2, model
+    pred = model.predict_offsets({"mel": feats})
+    assert np.corrcoef(pred[:-4, 66, 1], offsets[:-4, 66, 1])[0, 1] > 0.8
+
+
 @pytest.mark.skipif(not phonetic.available(), reason="pocketsphinx is not installed")
 def test_visemes_follow_the_speech_in_time():
     from talkcli.media.audio import load_audio

@@ -46,6 +46,9 @@ class MotionConfig:
     neighbours: tuple[int, ...] = (1, 3, 5, 10)
     kinds: tuple[str, ...] = ("knn", "ridge")
     folds: int = 5
+    # selection sees at most this many frames (every k-th of a long video: neighbouring frames
+    # are alike, and k-NN's cost grows with the square of the frames); the fit uses all of them
+    cv_max_frames: int = 1500
 
     def windows(self, sources: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
         """Every (source, bands, context, lag) to try."""
@@ -208,20 +211,24 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(), progress
     basis = {k: (vt[: min(k, vt.shape[0])] if k > 0 else np.eye(ys.shape[1])) for k in cfg.components}
     # contiguous blocks per subject as folds: neighbouring frames are too alike to test each other
     fold = np.concatenate([np.arange(len(d.use)) * cfg.folds // max(1, len(d.use)) for d in datasets])
+    step = -(-len(ys) // cfg.cv_max_frames)
+    sub = np.arange(0, len(ys), step)  # every step-th frame for selection (smoothing: sigma / step)
+    fold_s, ys_s, neutral_s = fold[sub], ys[sub], neutral[sub]
     scores: dict[tuple, list[float]] = {}
     for src, bands, context, lag in cfg.windows(sources):
-        x = np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets]).astype(np.float64)
+        x = np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets])
+        x = x[sub].astype(np.float64)
         for f in range(cfg.folds):
-            tr, te = fold != f, fold == f
+            tr, te = fold_s != f, fold_s == f
             if te.sum() == 0 or tr.sum() < 2:
                 continue
             mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
             xtr, xte = (x[tr] - mu) / sd, (x[te] - mu) / sd
-            base = _mouth_err(np.broadcast_to(ys[tr].mean(0), ys[te].shape), ys[te])
-            for kind, param, k, predict in _candidates(cfg, xtr, ys[tr], basis, offset_mean):
+            base = _mouth_err(np.broadcast_to(ys_s[tr].mean(0), ys_s[te].shape), ys_s[te])
+            for kind, param, k, predict in _candidates(cfg, xtr, ys_s[tr], basis, offset_mean):
                 pred = predict(xte)
                 for sm in cfg.smoothing:
-                    score = _sync_score(gaussian_smooth(pred, sm), ys[te], neutral[te], base)
+                    score = _sync_score(gaussian_smooth(pred, sm / step), ys_s[te], neutral_s[te], base)
                     scores.setdefault((src, bands, context, lag, kind, param, k, sm), []).append(score)
         if progress_bar is not None:
             progress_bar.advance()
