@@ -302,6 +302,21 @@ TK_NOIPA void forward_level(const T* x, int64_t i0, int64_t i1, const T* tab, co
   }
 }
 
+// One output row from `row`: streamed past the caches when it is whole 32-byte-aligned vectors of
+// floats (the output is written once and read later, so reading its lines in first is waste).
+template <class T>
+inline void store_row(T* dst, const T* row, int64_t count) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (count % 8 == 0 && ((uintptr_t)dst & 31) == 0) {
+      for (int64_t k = 0; k < count; k += 8) _mm256_stream_ps(dst + k, _mm256_load_ps(row + k));
+      return;
+    }
+  }
+#endif
+  std::memcpy(dst, row, (size_t)count * sizeof(T));
+}
+
 template <int D, int F, class T>
 void forward(const T* x, int64_t n, const T* table, const HashGridLevels& lv, T* out) {
   const int nl = lv.n_levels;
@@ -338,13 +353,17 @@ void forward(const T* x, int64_t n, const T* table, const HashGridLevels& lv, T*
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < m; blk += 64) {
       const int64_t b1 = std::min(m, blk + 64);
-      for (int l = 0; l < nl; ++l) {
-        const T* src = lm + (size_t)l * m * F;
-        for (int64_t i = blk; i < b1; ++i)
-          for (int f = 0; f < F; ++f) out[(c0 + i) * stride + l * F + f] = src[i * F + f];
+      for (int64_t i = blk; i < b1; ++i) {
+        alignas(64) T row[tk::kHashGridMaxLevels * 8];
+        for (int l = 0; l < nl; ++l)
+          for (int f = 0; f < F; ++f) row[l * F + f] = lm[((size_t)l * m + i) * F + f];
+        store_row(out + (c0 + i) * stride, row, stride);
       }
     }  // (barrier: the next chunk's passes overwrite the scratch)
   }
+#if defined(__AVX2__)
+  _mm_sfence();  // the streaming stores are visible before the caller reads `out`
+#endif
 }
 
 // ---------------------------------------------------------------- backward
