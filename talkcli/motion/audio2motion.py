@@ -13,12 +13,13 @@ Two feature sources compete: log-mel (80 bins) and viseme classes from a phone r
 neighbour regression (the mean offsets of the k training frames whose windows are closest) and
 ridge regression onto the K leading components of a PCA of the offsets (K = 0: all of them).
 ``lag`` shifts the window later in the audio: lips move before the sound they make (and clips
-carry small audio/video offsets), about 100 ms on the fixture. Offsets are divided by the face
+carry small audio/video offsets), 120 ms or more on the fixture. Offsets are divided by the face
 width so that several subjects share one space in ``train-motion``. The source, regressor, B, c,
 lag, k or (K, ridge strength) and the smoothing are picked by 5-fold cross-validation over
 contiguous blocks of the training frames (never the held-out ones), scored by the mouth
 landmarks' error relative to the mean expression's minus the correlation of the mouth opening
-(``_sync_score``).
+(``_sync_score``). The tracked landmarks are the face model's fit, so every prediction (a
+k-NN mean or a ridge combination of training offsets) stays in its expression space.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The motion stage of ``talk train`` (person-specific) and ``talk train-motion`` (general).
 
-    audio/features.npz + facefit.npz (68 landmarks, head frame) --fit--> models/motion/motion.pt
-                                                                          models/motion/eval.json
+    audio/features.npz (log-mel)
+    audio/audio.wav --phone recogniser--> visemes     --fit--> models/motion/motion.pt
+    facefit.npz (68 landmarks, head frame)                     models/motion/eval.json
 
 Held-out frames are the avatar's (the last ``holdout_fraction`` of the clip). The evaluation
 compares the predicted mouth landmarks with the tracked ones there, beside two baselines: the
