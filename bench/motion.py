@@ -22,6 +22,14 @@ from talkcli.motion.audio2motion import MotionConfig, fit  # noqa: E402
 from talkcli.workspace import Workspace  # noqa: E402
 
 
+def describe(sel: dict) -> str:
+    if sel["kind"] == "ensemble":
+        return "mean of " + " and ".join(describe(m) for m in sel["members"])
+    return (f"{sel['source']} {sel['kind']} " + (f"k={sel['neighbours']}" if sel["kind"] == "knn" else f"λ={sel['ridge']:g}")
+            + f", c={sel['context']}, lag={sel['lag']}, σ={sel['smoothing']}"
+            + (f", {sel['bands']} bands" if sel["source"] == "mel" else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workspaces", type=Path, nargs="+")
@@ -31,7 +39,7 @@ def main() -> None:
                 "mel, lag 0-6": dataclasses.replace(full, sources=("mel",)),
                 "visemes, no lag": dataclasses.replace(full, sources=("visemes",), lags=(0,)),
                 "visemes, lag 0-6": dataclasses.replace(full, sources=("visemes",)),
-                "both, lag 0-6 (default)": full}
+                "both, lag 0-6, best of each or their mean (default)": full}
     if not phonetic.available():
         variants = {k: v for k, v in variants.items() if "visemes" not in k and "both" not in k}
     for root in args.workspaces:
@@ -43,13 +51,8 @@ def main() -> None:
             model = fit([data], cfg)
             secs = time.perf_counter() - t0
             ev = stage.evaluate(model, data, lmk, neutral, scale, train, hold)
-            sel = ev["selected"]
-            what = (f"{sel['source']} {sel['kind']} " + (f"k={sel['neighbours']}" if sel["kind"] == "knn" else
-                                                        f"λ={sel['ridge']:g}")
-                    + f", c={sel['context']}, lag={sel['lag']}, σ={sel['smoothing']}"
-                    + (f", {sel['bands']} bands" if sel["source"] == "mel" else ""))
-            print(f"| {name} | {what} | {sel['cv_score']:.3f} | {ev['audio2motion']['mouth_mm']:.2f} | "
-                  f"{ev['audio2motion']['opening_corr']:.2f} | {secs:.1f} |")
+            print(f"| {name} | {describe(ev['selected'])} | {ev['selected']['cv_score']:.3f} | "
+                  f"{ev['audio2motion']['mouth_mm']:.2f} | {ev['audio2motion']['opening_corr']:.2f} | {secs:.1f} |")
         for base in ("mean_expression", "audio_retrieval"):
             print(f"| {base.replace('_', ' ')} | | | {ev[base]['mouth_mm']:.2f} | {ev[base]['opening_corr']:.2f} | |")
 

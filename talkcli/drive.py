@@ -123,7 +123,7 @@ def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | 
 
         path = Path(motion_model) if motion_model else ws.path(motion_stage.MOTION_FILE)
         model = motion_stage.load(path)
-        feats, seconds = sources.audio_features(audio, fps, visemes=model.source == "visemes")
+        feats, seconds = sources.audio_features(audio, fps, visemes="visemes" in model.sources)
         offsets = model.predict_offsets(feats)
         what = f"audio {Path(audio).name}"
         sound = str(Path(audio).resolve())

@@ -114,6 +114,17 @@ class MotionModel:
             out = self.offset_mean + (x @ self.weights[:-1] + self.weights[-1]) @ self.basis
         return gaussian_smooth(out, self.smoothing).reshape(-1, 68, 3).astype(np.float32)
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,)
+
+    def describe(self) -> dict:
+        """The selected setting, for eval.json."""
+        return {"source": self.source, "kind": self.kind, "neighbours": self.neighbours, "bands": self.bands,
+                "context": self.context, "lag": self.lag,
+                "components": int(self.basis.shape[0]) if self.kind == "ridge" else None,
+                "smoothing": self.smoothing, "ridge": self.ridge, "cv_score": round(self.cv_score, 4)}
+
     def to_dict(self) -> dict:
         return {"format": 3, **dataclasses.asdict(self)}
 
@@ -121,6 +132,41 @@ class MotionModel:
     def from_dict(cls, d: dict) -> "MotionModel":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class MotionEnsemble:
+    """The mean of the best model of each feature source, used when cross-validation scores the
+    mean better than any one of them (their errors differ: log-mel hears loudness and timing,
+    visemes the lip shapes of phones)."""
+
+    members: list[MotionModel]
+    cv_score: float
+    kind: str = "ensemble"
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(m.source for m in self.members)
+
+    @property
+    def subjects(self) -> list[str]:
+        return self.members[0].subjects
+
+    def predict_offsets(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        return np.mean([m.predict_offsets(features) for m in self.members], axis=0).astype(np.float32)
+
+    def describe(self) -> dict:
+        return {"kind": "ensemble", "cv_score": round(self.cv_score, 4), "members": [m.describe() for m in self.members]}
+
+    def to_dict(self) -> dict:
+        return {"format": 3, "kind": "ensemble", "cv_score": self.cv_score, "members": [m.to_dict() for m in self.members]}
+
+
+def model_from_dict(d: dict) -> MotionModel | MotionEnsemble:
+    """A saved motion model (``to_dict``; also the log-mel models saved before format 3)."""
+    if d.get("kind") == "ensemble":
+        return MotionEnsemble([MotionModel.from_dict(m) for m in d["members"]], float(d["cv_score"]))
+    return MotionModel.from_dict(d)
 
 
 @dataclass
@@ -186,21 +232,33 @@ def _sync_score(pred_offsets: np.ndarray, true_offsets: np.ndarray, neutral: np.
     return _mouth_err(pred_offsets, true_offsets) / max(mean_err, 1e-9) - corr
 
 
+def _predictor(kind: str, param: float, k: int, xtr: np.ndarray, ytr: np.ndarray, basis: dict[int, np.ndarray],
+               offset_mean: np.ndarray):
+    """One regressor setting fitted on (xtr, ytr): a function of the query windows."""
+    if kind == "knn":
+        return lambda xte: _knn(xtr, ytr, xte, int(param))
+    return _ridge_predictor(_RidgePath(xtr, (ytr - offset_mean) @ basis[k].T).weights(param), basis[k], offset_mean)
+
+
+def _ridge_predictor(w: np.ndarray, b: np.ndarray, offset_mean: np.ndarray):
+    return lambda xte: offset_mean + (xte @ w[:-1] + w[-1]) @ b
+
+
 def _candidates(cfg: MotionConfig, xtr: np.ndarray, ytr: np.ndarray, basis: dict[int, np.ndarray],
                 offset_mean: np.ndarray):
     """Every regressor setting's predictor fitted on (xtr, ytr): yields (kind, param, K, predict)."""
     if "knn" in cfg.kinds:
         for nb in cfg.neighbours:
-            yield "knn", nb, 0, (lambda xte, nb=nb: _knn(xtr, ytr, xte, nb))
+            yield "knn", nb, 0, _predictor("knn", nb, 0, xtr, ytr, basis, offset_mean)
     if "ridge" in cfg.kinds:
         for k, b in basis.items():
-            path = _RidgePath(xtr, (ytr - offset_mean) @ b.T)
+            path = _RidgePath(xtr, (ytr - offset_mean) @ b.T)  # one decomposition for every strength
             for lam in cfg.ridge:
-                w = path.weights(lam)
-                yield "ridge", lam, k, (lambda xte, w=w, b=b: offset_mean + (xte @ w[:-1] + w[-1]) @ b)
+                yield "ridge", lam, k, _ridge_predictor(path.weights(lam), b, offset_mean)
 
 
-def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(), progress_bar=None) -> MotionModel:
+def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
+        progress_bar=None) -> MotionModel | MotionEnsemble:
     """Select the setting by cross-validation on the ``use`` frames, then fit on all of them."""
     from . import phonetic
 
@@ -215,10 +273,13 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(), progress
     step = -(-len(ys) // cfg.cv_max_frames)
     sub = np.arange(0, len(ys), step)  # every step-th frame for selection (smoothing: sigma / step)
     fold_s, ys_s, neutral_s = fold[sub], ys[sub], neutral[sub]
+
+    def windows(src, bands, context, lag):
+        return np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets]).astype(np.float64)
+
     scores: dict[tuple, list[float]] = {}
     for src, bands, context, lag in cfg.windows(sources):
-        x = np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets])
-        x = x[sub].astype(np.float64)
+        x = windows(src, bands, context, lag)[sub]
         for f in range(cfg.folds):
             tr, te = fold_s != f, fold_s == f
             if te.sum() == 0 or tr.sum() < 2:
@@ -233,20 +294,54 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(), progress
                     scores.setdefault((src, bands, context, lag, kind, param, k, sm), []).append(score)
         if progress_bar is not None:
             progress_bar.advance()
-    (src, bands, context, lag, kind, param, k, sm), score = min(((key, float(np.mean(v))) for key, v in scores.items()),
-                                                               key=lambda kv: kv[1])
-    x = np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets]).astype(np.float64)
-    mu, sd = x.mean(0), x.std(0) + 1e-3
-    xn = (x - mu) / sd
+    mean_scores = {key: float(np.mean(v)) for key, v in scores.items()}
+    best = min(mean_scores, key=mean_scores.get)
     names = [d.name for d in datasets]
-    if kind == "knn":
-        return MotionModel("knn", param, bands, context, sm, 0.0, mu.astype(np.float32), sd.astype(np.float32),
-                           xn.astype(np.float32), ys.astype(np.float32), offset_mean.astype(np.float32), names, score,
-                           src, lag)
-    w = _RidgePath(xn, (ys - offset_mean) @ basis[k].T).weights(param)
-    return MotionModel("ridge", 0, bands, context, sm, param, mu.astype(np.float32), sd.astype(np.float32),
-                       w.astype(np.float32), basis[k].astype(np.float32), offset_mean.astype(np.float32), names, score,
-                       src, lag)
+
+    def final(key) -> MotionModel:
+        """The setting ``key`` fitted on every frame."""
+        src, bands, context, lag, kind, param, k, sm = key
+        x = windows(src, bands, context, lag)
+        mu, sd = x.mean(0), x.std(0) + 1e-3
+        xn = (x - mu) / sd
+        stats = (mu.astype(np.float32), sd.astype(np.float32))
+        if kind == "knn":
+            return MotionModel("knn", param, bands, context, sm, 0.0, *stats, xn.astype(np.float32),
+                               ys.astype(np.float32), offset_mean.astype(np.float32), names, mean_scores[key], src, lag)
+        w = _RidgePath(xn, (ys - offset_mean) @ basis[k].T).weights(param)
+        return MotionModel("ridge", 0, bands, context, sm, param, *stats, w.astype(np.float32),
+                           basis[k].astype(np.float32), offset_mean.astype(np.float32), names, mean_scores[key], src,
+                           lag)
+
+    def out_of_fold(key) -> np.ndarray:
+        """The setting's smoothed cross-validation predictions of the selection frames."""
+        src, bands, context, lag, kind, param, k, sm = key
+        x = windows(src, bands, context, lag)[sub]
+        pred = np.zeros_like(ys_s)
+        for f in range(cfg.folds):
+            tr, te = fold_s != f, fold_s == f
+            if te.sum() == 0 or tr.sum() < 2:
+                continue
+            mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
+            predict = _predictor(kind, param, k, (x[tr] - mu) / sd, ys_s[tr], basis, offset_mean)
+            pred[te] = gaussian_smooth(predict((x[te] - mu) / sd), sm / step)
+        return pred
+
+    # the best setting of each source, averaged: kept when cross-validation scores it better
+    per_source = [min((key for key in mean_scores if key[0] == src), key=mean_scores.get)
+                  for src in sources if any(key[0] == src for key in mean_scores)]
+    if len(per_source) > 1:
+        avg = np.mean([out_of_fold(key) for key in per_source], axis=0)
+        fold_scores = []
+        for f in range(cfg.folds):
+            tr, te = fold_s != f, fold_s == f
+            if te.sum() == 0 or tr.sum() < 2:
+                continue
+            base = _mouth_err(np.broadcast_to(ys_s[tr].mean(0), ys_s[te].shape), ys_s[te])
+            fold_scores.append(_sync_score(avg[te], ys_s[te], neutral_s[te], base))
+        if np.mean(fold_scores) < mean_scores[best]:
+            return MotionEnsemble([final(key) for key in per_source], float(np.mean(fold_scores)))
+    return final(best)
 
 
 def mouth_error(pred: np.ndarray, true: np.ndarray, scale: float) -> float:

@@ -23,12 +23,12 @@ from ..avatar.data import check_preprocessed, subject_landmarks
 from ..errors import InputError
 from ..workspace import Workspace, atomic_path, run_stage, write_json
 from . import phonetic
-from .audio2motion import (MotionConfig, MotionData, MotionModel, audio_windows, face_scale, fit, mouth_error,
-                           mouth_opening)
+from .audio2motion import (MotionConfig, MotionData, MotionEnsemble, MotionModel, audio_windows, face_scale, fit,
+                           model_from_dict, mouth_error, mouth_opening)
 
 MOTION_FILE = "models/motion/motion.pt"
 MOTION_EVAL = "models/motion/eval.json"
-CODE_VERSION = 3
+CODE_VERSION = 4
 UPSTREAM = ("landmarks", "facefit", "audio_features")
 
 
@@ -67,7 +67,7 @@ def subject_features(ws: Workspace) -> dict[str, np.ndarray]:
     return out
 
 
-def evaluate(model: MotionModel, data: MotionData, lmk: np.ndarray, neutral: np.ndarray, scale: float,
+def evaluate(model: MotionModel | MotionEnsemble, data: MotionData, lmk: np.ndarray, neutral: np.ndarray, scale: float,
              train: np.ndarray, hold: np.ndarray) -> dict:
     """Mouth error (mm) and mouth-opening correlation on the held-out frames, with baselines."""
     if len(hold) == 0:
@@ -87,10 +87,7 @@ def evaluate(model: MotionModel, data: MotionData, lmk: np.ndarray, neutral: np.
     for name, p in (("audio2motion", pred), ("mean_expression", mean), ("audio_retrieval", retrieval)):
         out[name] = {"mouth_mm": round(mouth_error(p, true, 1.0), 3), "opening_corr": round(corr(p), 3)}
     out["frames"] = [int(hold[0]), int(hold[-1])]
-    out["selected"] = {"source": model.source, "kind": model.kind, "neighbours": model.neighbours, "bands": model.bands,
-                       "context": model.context, "lag": model.lag,
-                       "components": int(model.basis.shape[0]) if model.kind == "ridge" else None,
-                       "smoothing": model.smoothing, "ridge": model.ridge, "cv_score": round(model.cv_score, 4)}
+    out["selected"] = model.describe()
     return out
 
 
@@ -120,10 +117,10 @@ def run(ws: Workspace, holdout_fraction: float = 0.1, cfg: MotionConfig = Motion
     return {"skipped": res.skipped, **res.record.get("summary", {})}
 
 
-def load(path: Path) -> MotionModel:
+def load(path: Path) -> MotionModel | MotionEnsemble:
     if not path.is_file():
         raise InputError(f"no motion model at {path}; run `talk train {path.parent.parent.parent}` first")
-    return MotionModel.from_dict(torch.load(path, map_location="cpu", weights_only=False))
+    return model_from_dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def train_general(workspaces: list[Workspace], out: Path, holdout_fraction: float = 0.1,
