@@ -323,17 +323,19 @@ def eval_(
 # --------------------------------------------------------------------------- drive / render
 
 
-def _drive_args(workspace: Path, audio, expressions, from_, motion_model, pose, blinks, seed) -> dict:
+def _drive_args(workspace: Path, audio, expressions, from_, motion_model, pose, blinks, seed, motion_gain) -> dict:
     from .workspace import Workspace
 
     return dict(audio=audio, expressions=expressions, source_ws=Workspace(from_) if from_ else None,
-                motion_model=motion_model, pose=pose, blinks=blinks, seed=seed)
+                motion_model=motion_model, pose=pose, blinks=blinks, seed=seed, motion_gain=motion_gain)
 
 
 _AUDIO_HELP = "Speech to drive the avatar (any file ffmpeg reads); its sound is muxed into the video."
 _EXPR_HELP = "Per-frame landmarks or expression coefficients (.csv / .npz, docs/cli.md)."
 _FROM_HELP = "Another workspace: its tracked expressions drive this subject (cross-reenactment)."
 _POSE_HELP = "Head pose: still (mean), loop (training poses forward and back) or source (the source's)."
+_GAIN_HELP = ("Scale of the motion predicted from --audio about the subject's mean face: the model predicts the "
+              "expected mouth, which moves less than a real one (1.5-2 brings it near the real amplitude).")
 
 
 @app.command()
@@ -348,6 +350,7 @@ def drive(
     pose: str = typer.Option("loop", "--pose", help=_POSE_HELP),
     blinks: bool = typer.Option(True, "--blinks/--no-blinks", help="Add natural blinks."),
     seed: int = typer.Option(0, "--seed", help="Seed of the blink timing."),
+    motion_gain: float = typer.Option(1.0, "--motion-gain", help=_GAIN_HELP),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Track file [default: tracks/<name>.npz]."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -360,7 +363,7 @@ def drive(
 
         ws = Workspace(workspace)
         check_preprocessed(ws)
-        args = _drive_args(workspace, audio, expressions, from_, motion_model, pose, blinks, seed)
+        args = _drive_args(workspace, audio, expressions, from_, motion_model, pose, blinks, seed, motion_gain)
         with ws.locked(f"talk drive {workspace}"):
             summary = drive_stage.run(ws, output, **args)
         if as_json:
@@ -381,6 +384,7 @@ def render(
     pose: str = typer.Option("loop", "--pose", help=_POSE_HELP),
     blinks: bool = typer.Option(True, "--blinks/--no-blinks", help="Add natural blinks."),
     seed: int = typer.Option(0, "--seed", help="Seed of the blink timing."),
+    motion_gain: float = typer.Option(1.0, "--motion-gain", help=_GAIN_HELP),
     background: str = typer.Option("plate", "--background",
                                    help="plate (head + torso over the background plate) or source (paste the face "
                                         "into the subject's own frames: dubbing)."),
@@ -413,12 +417,13 @@ def render(
             raise UsageError(f"-o {output}: the output is an .mp4 file")
         with ws.locked(f"talk render {workspace}"):
             if track is not None:
-                if any(x is not None for x in (audio, expressions, from_)):
-                    raise UsageError("--track already holds the motion: leave out --audio/--expressions/--from")
+                if any(x is not None for x in (audio, expressions, from_)) or motion_gain != 1:
+                    raise UsageError("--track already holds the motion: leave out --audio/--expressions/--from "
+                                     "and --motion-gain")
                 trk = drive_stage.Track.load(track)
             else:
                 trk = drive_stage.make_track(ws, **_drive_args(workspace, audio, expressions, from_, motion_model,
-                                                               pose, blinks, seed))
+                                                               pose, blinks, seed, motion_gain))
             name = drive_stage._track_name({"audio": audio, "expressions": expressions,
                                             "source_ws": Workspace(from_) if from_ else None}) if track is None \
                 else track.stem

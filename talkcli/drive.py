@@ -83,7 +83,7 @@ def _subject(ws: Workspace):
 
 def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | None = None,
                source_ws: Workspace | None = None, motion_model: Path | None = None, pose: str = "loop",
-               blinks: bool = True, seed: int = 0) -> Track:
+               blinks: bool = True, seed: int = 0, motion_gain: float = 1.0) -> Track:
     from .motion import pose as posemod
     from .motion import sources
 
@@ -94,6 +94,10 @@ def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | 
         raise UsageError("give one driving source: --expressions or --from (--audio may go with either)")
     if not given:
         raise UsageError("give a driving source: --audio FILE, --expressions FILE or --from WORKSPACE")
+    if not 0 < motion_gain <= 4:
+        raise UsageError(f"--motion-gain {motion_gain}: use a scale in (0, 4]")
+    if motion_gain != 1 and (expressions is not None or source_ws is not None):
+        raise UsageError("--motion-gain scales the motion predicted from speech: use it with --audio alone")
     lmk, rot, tr, frames, neutral, scale, fps = _subject(ws)
     pose_rot, pose_tr, pose_frames = rot, tr, frames
     sound = ""
@@ -124,7 +128,9 @@ def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | 
         path = Path(motion_model) if motion_model else ws.path(motion_stage.MOTION_FILE)
         model = motion_stage.load(path)
         feats, seconds = sources.audio_features(audio, fps, visemes="visemes" in model.sources)
-        offsets = model.predict_offsets(feats)
+        # the model predicts the expected motion, which moves less than a real mouth: the gain
+        # scales it about the subject's mean face
+        offsets = model.predict_offsets(feats) * np.float32(motion_gain)
         what = f"audio {Path(audio).name}"
         sound = str(Path(audio).resolve())
     n = len(offsets)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import CLIP, VFR_CLIP, WAV_16K, talk
+from talkcli.avatar.data import subject_landmarks
 from talkcli.motion import phonetic, stage
 from talkcli.motion.audio2motion import (MotionConfig, _RidgePath, _sync_score, audio_windows, fit, mouth_opening)
 from talkcli.workspace import Workspace
@@ -157,3 +158,24 @@ def test_general_model_from_two_workspaces(subjects, tmp_path):
     track = tmp_path / "t.npz"
     talk("--quiet", "drive", subjects[1], "--audio", WAV_16K, "--motion-model", out, "-o", track, check=True)
     assert np.load(track)["landmarks"].shape[1:] == (68, 3)
+
+
+def test_motion_gain_scales_the_speech_driven_motion(subjects, tmp_path):
+    """--motion-gain 2 doubles every landmark's offset from the subject's mean face; it is refused
+    where there is no predicted motion to scale, and outside (0, 4]."""
+    ws = subjects[0]
+    stage.run(Workspace(ws), 0.1)
+    tracks = {}
+    for gain in ("1", "2"):
+        out = tmp_path / f"g{gain}.npz"
+        talk("--quiet", "drive", ws, "--audio", WAV_16K, "--no-blinks", "--motion-gain", gain, "-o", out, check=True)
+        tracks[gain] = np.load(out)["landmarks"].astype(np.float64)
+    lmk, ok = subject_landmarks(Workspace(ws))
+    mean = lmk[ok].mean(0)
+    assert np.allclose(tracks["2"] - mean, 2 * (tracks["1"] - mean), atol=1e-5)
+    csv = tmp_path / "e.csv"
+    csv.write_text("e0,e1\n0.1,0.0\n0.0,0.1\n")
+    bad = talk("drive", ws, "--expressions", csv, "--motion-gain", "2", "-o", tmp_path / "x.npz")
+    assert bad.returncode == 2 and "--motion-gain" in bad.stderr and not (tmp_path / "x.npz").exists()
+    bad = talk("drive", ws, "--audio", WAV_16K, "--motion-gain", "0", "-o", tmp_path / "y.npz")
+    assert bad.returncode == 2 and "(0, 4]" in bad.stderr
