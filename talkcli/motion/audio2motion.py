@@ -232,6 +232,11 @@ def _sync_score(pred_offsets: np.ndarray, true_offsets: np.ndarray, neutral: np.
     return _mouth_err(pred_offsets, true_offsets) / max(mean_err, 1e-9) - corr
 
 
+def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread that standardise windows (the floor keeps constant channels finite)."""
+    return x.mean(0), x.std(0) + 1e-3
+
+
 def _predictor(kind: str, param: float, k: int, xtr: np.ndarray, ytr: np.ndarray, basis: dict[int, np.ndarray],
                offset_mean: np.ndarray):
     """One regressor setting fitted on (xtr, ytr): a function of the query windows."""
@@ -273,6 +278,10 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
     step = -(-len(ys) // cfg.cv_max_frames)
     sub = np.arange(0, len(ys), step)  # every step-th frame for selection (smoothing: sigma / step)
     fold_s, ys_s, neutral_s = fold[sub], ys[sub], neutral[sub]
+    # each fold's (train, test) masks of the selection frames and the mean expression's error there
+    splits = [(fold_s != f, fold_s == f) for f in range(cfg.folds)]
+    splits = [(tr, te, _mouth_err(np.broadcast_to(ys_s[tr].mean(0), ys_s[te].shape), ys_s[te]))
+              for tr, te in splits if te.any() and tr.sum() >= 2]
 
     def windows(src, bands, context, lag):
         return np.concatenate([audio_windows(d.features[src], bands, context, lag)[d.use] for d in datasets]).astype(np.float64)
@@ -280,13 +289,9 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
     scores: dict[tuple, list[float]] = {}
     for src, bands, context, lag in cfg.windows(sources):
         x = windows(src, bands, context, lag)[sub]
-        for f in range(cfg.folds):
-            tr, te = fold_s != f, fold_s == f
-            if te.sum() == 0 or tr.sum() < 2:
-                continue
-            mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
+        for tr, te, base in splits:
+            mu, sd = _standardisation(x[tr])
             xtr, xte = (x[tr] - mu) / sd, (x[te] - mu) / sd
-            base = _mouth_err(np.broadcast_to(ys_s[tr].mean(0), ys_s[te].shape), ys_s[te])
             for kind, param, k, predict in _candidates(cfg, xtr, ys_s[tr], basis, offset_mean):
                 pred = predict(xte)
                 for sm in cfg.smoothing:
@@ -302,7 +307,7 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
         """The setting ``key`` fitted on every frame."""
         src, bands, context, lag, kind, param, k, sm = key
         x = windows(src, bands, context, lag)
-        mu, sd = x.mean(0), x.std(0) + 1e-3
+        mu, sd = _standardisation(x)
         xn = (x - mu) / sd
         stats = (mu.astype(np.float32), sd.astype(np.float32))
         if kind == "knn":
@@ -318,11 +323,8 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
         src, bands, context, lag, kind, param, k, sm = key
         x = windows(src, bands, context, lag)[sub]
         pred = np.zeros_like(ys_s)
-        for f in range(cfg.folds):
-            tr, te = fold_s != f, fold_s == f
-            if te.sum() == 0 or tr.sum() < 2:
-                continue
-            mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
+        for tr, te, _ in splits:
+            mu, sd = _standardisation(x[tr])
             predict = _predictor(kind, param, k, (x[tr] - mu) / sd, ys_s[tr], basis, offset_mean)
             pred[te] = gaussian_smooth(predict((x[te] - mu) / sd), sm / step)
         return pred
@@ -332,15 +334,9 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
                   for src in sources if any(key[0] == src for key in mean_scores)]
     if len(per_source) > 1:
         avg = np.mean([out_of_fold(key) for key in per_source], axis=0)
-        fold_scores = []
-        for f in range(cfg.folds):
-            tr, te = fold_s != f, fold_s == f
-            if te.sum() == 0 or tr.sum() < 2:
-                continue
-            base = _mouth_err(np.broadcast_to(ys_s[tr].mean(0), ys_s[te].shape), ys_s[te])
-            fold_scores.append(_sync_score(avg[te], ys_s[te], neutral_s[te], base))
-        if np.mean(fold_scores) < mean_scores[best]:
-            return MotionEnsemble([final(key) for key in per_source], float(np.mean(fold_scores)))
+        score = float(np.mean([_sync_score(avg[te], ys_s[te], neutral_s[te], base) for _, te, base in splits]))
+        if score < mean_scores[best]:
+            return MotionEnsemble([final(key) for key in per_source], score)
     return final(best)
 
 
