@@ -52,16 +52,23 @@ inline void advise_huge(void* p, size_t bytes) {
 #endif
 }
 
+// At least `count` values, 2 MB aligned and advised to huge pages; `*capacity` gets the values
+// that fit in what was allocated (whole 2 MB pages).
+template <class T>
+T* huge_alloc(size_t count, size_t* capacity = nullptr) {
+  const size_t align = size_t(2) << 20, bytes = std::max(align, (count * sizeof(T) + align - 1) / align * align);
+  T* p = (T*)std::aligned_alloc(align, bytes);
+  if (!p) throw std::bad_alloc();
+  advise_huge(p, bytes);
+  if (capacity) *capacity = bytes / sizeof(T);
+  return p;
+}
+
 // A temporary array (2 MB aligned, huge pages).
 template <class T>
 struct Scratch {
   T* p = nullptr;
-  explicit Scratch(size_t count) {
-    const size_t align = size_t(2) << 20, bytes = (count * sizeof(T) + align - 1) / align * align;
-    p = (T*)std::aligned_alloc(align, bytes ? bytes : align);
-    if (!p) throw std::bad_alloc();
-    advise_huge(p, bytes);
-  }
+  explicit Scratch(size_t count) : p(huge_alloc<T>(count)) {}
   ~Scratch() { std::free(p); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -79,13 +86,9 @@ T* reusable_scratch(size_t count) {
   };
   thread_local Buffer buf;
   if (buf.count < count) {
-    const size_t align = size_t(2) << 20, bytes = (count * sizeof(T) + align - 1) / align * align;
-    T* p = (T*)std::aligned_alloc(align, bytes);
-    if (!p) throw std::bad_alloc();
-    advise_huge(p, bytes);
+    T* p = huge_alloc<T>(count, &buf.count);
     std::free(buf.p);
     buf.p = p;
-    buf.count = bytes / sizeof(T);
   }
   return buf.p;
 }

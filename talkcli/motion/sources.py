@@ -52,7 +52,7 @@ def audio_features(path: Path, fps: float, visemes: bool = False) -> tuple[dict[
 
         if not phonetic.available():
             raise MissingModel("this motion model reads visemes from speech: install the phone recogniser "
-                                    "with `pip install pocketsphinx`")
+                               "with `pip install pocketsphinx`")
         feats["visemes"] = phonetic.viseme_features(samples, cfg.sample_rate, fps, n, cfg.mel_per_frame)
     return feats, seconds
 
