@@ -24,7 +24,6 @@ from talkcli.avatar.data import load_subject  # noqa: E402
 from talkcli.avatar.render import render_frame  # noqa: E402
 from talkcli.evaluate import _Landmarks, _lmd  # noqa: E402
 from talkcli.motion import stage  # noqa: E402
-from talkcli.motion.audio2motion import audio_windows  # noqa: E402
 from talkcli.preprocess.detect import quiet_native_stderr  # noqa: E402
 from talkcli.motion.mesh import mesh_from_landmarks  # noqa: E402
 from talkcli.train import AVATARS, load_model, model_file  # noqa: E402
@@ -46,8 +45,7 @@ def main() -> None:
     mdata, lmk, neutral, scale, train, hold = stage.subject_data(ws, preset.train.holdout_fraction)
     motion = stage.load(ws.path(stage.MOTION_FILE))
     pred = neutral + motion.predict_offsets(mdata.features) * scale
-    win = audio_windows(mdata.features["mel"], 16, 4)
-    nn = train[((win[:, None, :] - win[None, train, :]) ** 2).sum(-1).argmin(1)]
+    nn = stage.audio_retrieval(mdata.features, train, np.arange(len(lmk)))
     tracks = {"audio2motion": pred, "mean expression": np.broadcast_to(neutral, lmk.shape),
               "audio retrieval": lmk[nn], "tracked (upper bound)": lmk}
     with quiet_native_stderr():

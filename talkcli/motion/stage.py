@@ -67,6 +67,14 @@ def subject_features(ws: Workspace) -> dict[str, np.ndarray]:
     return out
 
 
+def audio_retrieval(features: dict[str, np.ndarray], train: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """The retrieval baseline: for each of ``frames``, the training frame whose log-mel window (16
+    bands, +-4 frames) is closest."""
+    win = audio_windows(features["mel"], 16, 4)
+    dist = ((win[frames][:, None, :] - win[train][None, :, :]) ** 2).sum(-1)
+    return train[dist.argmin(1)]
+
+
 def evaluate(model: MotionModel | MotionEnsemble, data: MotionData, lmk: np.ndarray, neutral: np.ndarray, scale: float,
              train: np.ndarray, hold: np.ndarray) -> dict:
     """Mouth error (mm) and mouth-opening correlation on the held-out frames, with baselines."""
@@ -75,9 +83,7 @@ def evaluate(model: MotionModel | MotionEnsemble, data: MotionData, lmk: np.ndar
     true = lmk[hold]
     pred = neutral + model.predict_offsets(data.features)[hold] * scale
     mean = np.broadcast_to(neutral, true.shape)
-    win = audio_windows(data.features["mel"], 16, 4)
-    dist = ((win[hold][:, None, :] - win[train][None, :, :]) ** 2).sum(-1)
-    retrieval = lmk[train[dist.argmin(1)]]
+    retrieval = lmk[audio_retrieval(data.features, train, hold)]
 
     def corr(p):
         a, b = mouth_opening(p), mouth_opening(true)
