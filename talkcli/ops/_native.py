@@ -16,10 +16,12 @@ It comes from ``TALKCLI_KERNELS`` or ``use_backend()``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -133,7 +135,23 @@ def sources(kind: str) -> list[Path]:
 
 
 def cpu_flags() -> list[str]:
-    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
+    # GCC 12's IPA mod/ref pass dropped the hash grid's gradient stores for some instantiations
+    # (zeros returned; kernels/cpu/hashgrid.cpp); off where the compiler has it
+    extra = ["-fno-ipa-modref"] if _accepts_flag("-fno-ipa-modref") else []
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas", *extra]
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_flag(flag: str) -> bool:
+    cxx = _compiler()
+    if cxx is None:
+        return False
+    try:
+        done = subprocess.run([cxx, flag, "-Werror", "-x", "c++", "-fsyntax-only", "-"], input=b"int x;\n",
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 
 def _build(kind: str):
