@@ -44,6 +44,16 @@ def timeit(fn, repeat: int, warmup: int = 10) -> float:
     return statistics.median(times)
 
 
+def vector_isa() -> str:
+    """The widest x86 vector extension of this CPU: the native kernels are built for it
+    (-march=native), and the same model name comes with or without AVX-512 on cloud hosts."""
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.machine()
+    return next((isa for isa in ("avx512f", "avx2", "sse4_2") if isa in flags), "no SSE4.2").replace("avx512f", "AVX-512").upper()
+
+
 def row(op: str, case: str, impl: str, seconds: float, items: float, unit: str) -> None:
     ROWS.append({"op": op, "case": case, "impl": impl, "seconds": seconds, "rate": items / seconds, "unit": unit})
     print(f"  {op:16s} {case:28s} {impl:12s} {seconds * 1e3:10.2f} ms  {items / seconds / 1e6:9.3f} M {unit}/s",
@@ -275,6 +285,7 @@ def main() -> None:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    cpu += f" ({vector_isa()})"
     print(f"Machine: {cpu}, {args.threads} threads, torch {torch.__version__}; {date.today()}; "
           f"command: python bench/kernels.py {' '.join(sys.argv[1:])}\n")
     print(table())

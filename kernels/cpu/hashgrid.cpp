@@ -268,11 +268,12 @@ struct Group {
 // Runs point(g, j, i) for every point i of [i0, i1), where g is i's located group and j its place
 // in it. Groups are located kAhead groups before they are consumed; while point j of one group is
 // consumed, the corner rows of point j of the group kAhead later are prefetched from `rows_of` (the
-// table or its gradient, F values per row). Measured choices (T = 19, A/B alternating in one
-// process, 2026-12-01): spreading the prefetches over the consuming loop instead of issuing a
-// group's 128 at once, and prefetching into L2 only (prefetcht1; also for the gradient rows that
-// are written) instead of into L1, whose few miss buffers then stall the demand loads. Forward
-// 8.3 -> 12.4 M pts/s; table gradient 6.6 -> 7.7; table and input gradients 2.3 -> 3.5.
+// table or its gradient, F values per row). Measured choices (bench/hashgrid_ab.sh, T = 19,
+// 2026-12-01): spreading the prefetches over the consuming loop instead of issuing a group's 128
+// at once, and prefetching into L2 only (prefetcht1; also for the gradient rows that are written)
+// instead of into L1, whose few miss buffers then stall the demand loads. Forward 8.8 -> 12.2 M
+// pts/s (AVX2 build 8.0 -> 10.8); table gradient 6.4 -> 7.2; with the input gradient 3.1 -> 3.7.
+// Also tried: one group ahead instead of two (-3%), 64-bit gathers for the F = 2 blend (slower).
 template <int D, int F, bool Hashed, class T, class R, class PointFn>
 inline void for_each_point(const T* x, int64_t i0, int64_t i1, const Level& L, const R* rows_of, PointFn&& point) {
   constexpr int C = 1 << D, kAhead = 2, kRing = kAhead + 1;
