@@ -33,6 +33,7 @@ from .avatar.r2talker import R2Talker
 from .avatar.render import render_frame, render_rays
 from .avatar.torso import pose_vector
 from .errors import InputError
+from .ops import _native
 from .workspace import Workspace, atomic_path, run_stage, write_json
 
 MODEL_DIR = "models/r2talker"
@@ -460,6 +461,10 @@ class Trainer:
         m.train()
         start = self.state.iteration
         acc: dict[str, list] = {"loss": [], "psnr": [], "spr": []}
+        # the native kernels build on first use (about a minute, once per machine): before the
+        # clock and the progress bar start, so that neither the recorded training time nor the
+        # bar's rate and ETA include the compiler
+        _native.extension_for(next(m.parameters()))
         t0 = time.time() - self.state.seconds
         val = {}
         try:
