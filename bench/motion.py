@@ -24,10 +24,11 @@ from talkcli.workspace import Workspace  # noqa: E402
 
 def describe(sel: dict) -> str:
     if sel["kind"] == "ensemble":
-        return "mean of " + " and ".join(describe(m) for m in sel["members"])
+        return "mean of " + " and ".join(describe(m) for m in sel["members"]) + f", gain {sel['gain']:g}"
     return (f"{sel['source']} {sel['kind']} " + (f"k={sel['neighbours']}" if sel["kind"] == "knn" else f"λ={sel['ridge']:g}")
             + f", c={sel['context']}, lag={sel['lag']}, σ={sel['smoothing']}"
-            + (f", {sel['bands']} bands" if sel["source"] == "mel" else ""))
+            + (f", {sel['bands']} bands" if sel["source"] == "mel" else "")
+            + (f", gain {sel['gain']:g}" if sel.get("gain", 1) != 1 else ""))
 
 
 def main() -> None:
@@ -45,16 +46,20 @@ def main() -> None:
     for root in args.workspaces:
         data, lmk, neutral, scale, train, hold = stage.subject_data(Workspace(root), 0.1)
         print(f"\n{root.name}: train on {len(train)} frames, held-out frames {hold[0]}-{hold[-1]}")
-        print("| model | selected | CV score | mouth mm | opening corr | fit s |\n|---|---|---:|---:|---:|---:|")
+        print("| model | selected | CV score | mouth mm | opening corr | opening std mm | fit s |\n"
+              "|---|---|---:|---:|---:|---:|---:|")
         for name, cfg in variants.items():
             t0 = time.perf_counter()
             model = fit([data], cfg)
             secs = time.perf_counter() - t0
             ev = stage.evaluate(model, data, lmk, neutral, scale, train, hold)
             print(f"| {name} | {describe(ev['selected'])} | {ev['selected']['cv_score']:.3f} | "
-                  f"{ev['audio2motion']['mouth_mm']:.2f} | {ev['audio2motion']['opening_corr']:.2f} | {secs:.1f} |")
+                  f"{ev['audio2motion']['mouth_mm']:.2f} | {ev['audio2motion']['opening_corr']:.2f} | "
+                  f"{ev['audio2motion']['opening_std_mm']:.2f} | {secs:.1f} |")
         for base in ("mean_expression", "audio_retrieval"):
-            print(f"| {base.replace('_', ' ')} | | | {ev[base]['mouth_mm']:.2f} | {ev[base]['opening_corr']:.2f} | |")
+            print(f"| {base.replace('_', ' ')} | | | {ev[base]['mouth_mm']:.2f} | {ev[base]['opening_corr']:.2f} | "
+                  f"{ev[base]['opening_std_mm']:.2f} | |")
+        print(f"| tracked | | | | | {ev['tracked']['opening_std_mm']:.2f} | |")
 
 
 if __name__ == "__main__":

@@ -334,8 +334,9 @@ _AUDIO_HELP = "Speech to drive the avatar (any file ffmpeg reads); its sound is 
 _EXPR_HELP = "Per-frame landmarks or expression coefficients (.csv / .npz, docs/cli.md)."
 _FROM_HELP = "Another workspace: its tracked expressions drive this subject (cross-reenactment)."
 _POSE_HELP = "Head pose: still (mean), loop (training poses forward and back) or source (the source's)."
-_GAIN_HELP = ("Scale of the motion predicted from --audio about the subject's mean face: the model predicts the "
-              "expected mouth, which moves less than a real one (1.5-2 brings it near the real amplitude).")
+_GAIN_HELP = ("Scale of the motion predicted from --audio about the subject's mean face, on top of the gain "
+              "training chose: the model predicts the expected mouth, which moves less than a real one "
+              "(models/motion/eval.json compares the opening std with the tracked one).")
 
 
 @app.command()

@@ -128,8 +128,8 @@ def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | 
         path = Path(motion_model) if motion_model else ws.path(motion_stage.MOTION_FILE)
         model = motion_stage.load(path)
         feats, seconds = sources.audio_features(audio, fps, visemes="visemes" in model.sources)
-        # the model predicts the expected motion, which moves less than a real mouth: the gain
-        # scales it about the subject's mean face
+        # the model predicts the expected motion, which moves less than a real mouth: the user's
+        # gain scales it about the subject's mean face (on top of the gain training chose)
         offsets = model.predict_offsets(feats) * np.float32(motion_gain)
         what = f"audio {Path(audio).name}"
         sound = str(Path(audio).resolve())

@@ -10,7 +10,8 @@ import pytest
 from conftest import CLIP, VFR_CLIP, WAV_16K, talk
 from talkcli.avatar.data import subject_landmarks
 from talkcli.motion import phonetic, stage
-from talkcli.motion.audio2motion import (MotionConfig, _RidgePath, _sync_score, audio_windows, fit, mouth_opening)
+from talkcli.motion.audio2motion import (MotionConfig, _RidgePath, _select_gain, _sync_score, audio_windows, fit,
+                                         mouth_opening)
 from talkcli.workspace import Workspace
 
 
@@ -49,6 +50,26 @@ def test_sync_score_measures_the_opening_of_the_shapes_not_of_the_offsets():
     err = float(np.abs(0.5 * a).mean()) / 20
     assert score == pytest.approx(err / base - 1.0, abs=1e-6)   # correlation 1
     assert np.corrcoef(mouth_opening(neutral + pred), mouth_opening(neutral + true))[0, 1] > 0.999
+
+
+def test_gain_restores_the_amplitude_that_the_timing_earns():
+    """Out-of-fold predictions with the right timing at half the amplitude get gain 2; predictions
+    with the wrong timing get no gain (scaling them up only adds error)."""
+    t = 200
+    a = 0.02 * np.sin(np.linspace(0, 12 * np.pi, t))
+    neutral = np.zeros((t, 68, 3))
+    neutral[:, 66, 1] = -0.05
+    true = np.zeros((t, 68, 3))
+    true[:, 62, 1], true[:, 66, 1] = 0.3 * a, -a
+    ys = true.reshape(t, -1)
+    fold = np.arange(t) * 5 // t
+    splits = [(fold != f, fold == f, float(np.abs(a[fold == f]).mean()) / 20) for f in range(5)]
+    centre = np.zeros(ys.shape[1])
+    gains = (1.0, 1.5, 2.0, 2.5)
+    gain, score = _select_gain(0.5 * ys, ys, neutral, splits, centre, gains)
+    assert gain == 2.0 and score == pytest.approx(-1.0, abs=1e-6)   # exact amplitude, correlation 1
+    shifted = np.roll(0.5 * ys, 25, axis=0)                          # a quarter period late
+    assert _select_gain(shifted, ys, neutral, splits, centre, gains)[0] == 1.0
 
 
 @pytest.mark.parametrize("frames,features", [(40, 7), (7, 40)], ids=["primal", "dual"])
@@ -121,10 +142,14 @@ def test_motion_beats_both_baselines_on_the_held_out_frames(subjects):
     assert all(m["lag"] > 0 for m in chosen), ev     # the lips lead the sound on this clip
     assert stage.run(ws, 0.1)["skipped"]
     model = stage.load(ws.path(stage.MOTION_FILE))
-    if model.kind == "ensemble":  # the mean of its members, saved and loaded whole
+    assert ev["selected"]["gain"] == model.gain >= 1
+    # the chosen gain brings the mouth's movement nearer the tracked one's
+    assert ev["audio2motion"]["opening_std_mm"] <= ev["tracked"]["opening_std_mm"] * 1.5, ev
+    if model.kind == "ensemble":  # the mean of its members, scaled by its gain, saved and loaded whole
         data = stage.subject_data(ws, 0.1)[0]
-        members = [m.predict_offsets(data.features) for m in model.members]
-        assert np.allclose(model.predict_offsets(data.features), np.mean(members, axis=0), atol=1e-6)
+        mean = np.mean([m.predict_offsets(data.features) for m in model.members], axis=0)
+        centre = model.members[0].offset_mean.reshape(68, 3)
+        assert np.allclose(model.predict_offsets(data.features), centre + model.gain * (mean - centre), atol=1e-5)
         assert {m.source for m in model.members} == {"mel", "visemes"}
 
 

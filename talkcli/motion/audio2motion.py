@@ -47,6 +47,9 @@ class MotionConfig:
     neighbours: tuple[int, ...] = (1, 3, 5, 10)
     kinds: tuple[str, ...] = ("knn", "ridge")
     folds: int = 5
+    # amplitude gains about the mean offset, chosen on the chosen model's out-of-fold predictions:
+    # a regressor predicts the expected mouth, which moves less than the real one
+    gains: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5)
     # selection sees at most this many frames (every k-th of a long video: neighbouring frames
     # are alike, and k-NN's cost grows with the square of the frames); the fit uses all of them
     cv_max_frames: int = 1500
@@ -103,6 +106,7 @@ class MotionModel:
     cv_score: float           # the selected setting's cross-validated _sync_score
     source: str = "mel"       # which features ("mel" or "visemes"); models before format 3: mel
     lag: int = 0
+    gain: float = 1.0         # amplitude about offset_mean (chosen by cross-validation; before format 4: 1)
 
     def predict_offsets(self, features: dict[str, np.ndarray]) -> np.ndarray:
         """Audio features by source ({"mel": (T, 4, 80), "visemes": ...}) -> (T, 68, 3) landmark
@@ -112,7 +116,8 @@ class MotionModel:
             out = _knn(self.weights, self.basis, x, self.neighbours)
         else:
             out = self.offset_mean + (x @ self.weights[:-1] + self.weights[-1]) @ self.basis
-        return gaussian_smooth(out, self.smoothing).reshape(-1, 68, 3).astype(np.float32)
+        out = _amplified(gaussian_smooth(out, self.smoothing), self.offset_mean, self.gain)
+        return out.reshape(-1, 68, 3).astype(np.float32)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -123,10 +128,10 @@ class MotionModel:
         return {"source": self.source, "kind": self.kind, "neighbours": self.neighbours, "bands": self.bands,
                 "context": self.context, "lag": self.lag,
                 "components": int(self.basis.shape[0]) if self.kind == "ridge" else None,
-                "smoothing": self.smoothing, "ridge": self.ridge, "cv_score": round(self.cv_score, 4)}
+                "smoothing": self.smoothing, "ridge": self.ridge, "gain": self.gain, "cv_score": round(self.cv_score, 4)}
 
     def to_dict(self) -> dict:
-        return {"format": 3, **dataclasses.asdict(self)}
+        return {"format": 4, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MotionModel":
@@ -143,6 +148,7 @@ class MotionEnsemble:
     members: list[MotionModel]
     cv_score: float
     kind: str = "ensemble"
+    gain: float = 1.0  # of the mean, about the members' offset_mean (their own gains stay 1)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -153,19 +159,24 @@ class MotionEnsemble:
         return self.members[0].subjects
 
     def predict_offsets(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        return np.mean([m.predict_offsets(features) for m in self.members], axis=0).astype(np.float32)
+        mean = np.mean([m.predict_offsets(features) for m in self.members], axis=0)
+        centre = self.members[0].offset_mean.reshape(68, 3)
+        return _amplified(mean, centre, self.gain).astype(np.float32)
 
     def describe(self) -> dict:
-        return {"kind": "ensemble", "cv_score": round(self.cv_score, 4), "members": [m.describe() for m in self.members]}
+        return {"kind": "ensemble", "gain": self.gain, "cv_score": round(self.cv_score, 4),
+                "members": [m.describe() for m in self.members]}
 
     def to_dict(self) -> dict:
-        return {"format": 3, "kind": "ensemble", "cv_score": self.cv_score, "members": [m.to_dict() for m in self.members]}
+        return {"format": 4, "kind": "ensemble", "cv_score": self.cv_score, "gain": self.gain,
+                "members": [m.to_dict() for m in self.members]}
 
 
 def model_from_dict(d: dict) -> MotionModel | MotionEnsemble:
     """A saved motion model (``to_dict``; also the log-mel models saved before format 3)."""
     if d.get("kind") == "ensemble":
-        return MotionEnsemble([MotionModel.from_dict(m) for m in d["members"]], float(d["cv_score"]))
+        return MotionEnsemble([MotionModel.from_dict(m) for m in d["members"]], float(d["cv_score"]),
+                              gain=float(d.get("gain", 1.0)))
     return MotionModel.from_dict(d)
 
 
@@ -212,6 +223,28 @@ def _knn(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, k: int, chunk:
         nn = np.argpartition(d, k - 1, axis=1)[:, :k]
         out[s:s + chunk] = train_y[nn].mean(1)
     return out
+
+
+def _amplified(offsets: np.ndarray, centre: np.ndarray, gain: float) -> np.ndarray:
+    """Offsets scaled by ``gain`` about ``centre`` (the mean offset)."""
+    return offsets if gain == 1 else centre + (offsets - centre) * np.float32(gain)
+
+
+def _select_gain(oof: np.ndarray, ys: np.ndarray, neutral: np.ndarray, splits: list, centre: np.ndarray,
+                 gains: tuple[float, ...]) -> tuple[float, float]:
+    """The gain (and its CV score) that best scales out-of-fold predictions ``oof`` about ``centre``.
+
+    Regressors predict the conditional mean, so their mouths move less than real ones (about half
+    as much on the fixture). _sync_score's error term then decides how much amplitude the
+    predictions' timing earns: scaling a well-timed prediction up brings it closer to the truth,
+    scaling a badly timed one up moves it further away."""
+    best = (1.0, float("inf"))
+    for g in sorted(gains):
+        p = _amplified(oof, centre, g)
+        score = float(np.mean([_sync_score(p[te], ys[te], neutral[te], base) for _, te, base in splits]))
+        if score < best[1] - 1e-9:
+            best = (float(g), score)
+    return best
 
 
 def _mouth_err(pred_offsets: np.ndarray, true_offsets: np.ndarray) -> float:
@@ -332,12 +365,17 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
     # the best setting of each source, averaged: kept when cross-validation scores it better
     per_source = [min((key for key in mean_scores if key[0] == src), key=mean_scores.get)
                   for src in sources if any(key[0] == src for key in mean_scores)]
+    model, oof = None, None
     if len(per_source) > 1:
         avg = np.mean([out_of_fold(key) for key in per_source], axis=0)
         score = float(np.mean([_sync_score(avg[te], ys_s[te], neutral_s[te], base) for _, te, base in splits]))
         if score < mean_scores[best]:
-            return MotionEnsemble([final(key) for key in per_source], score)
-    return final(best)
+            model, oof = MotionEnsemble([final(key) for key in per_source], score), avg
+    if model is None:
+        model, oof = final(best), out_of_fold(best)
+    # then the amplitude, on the chosen model's out-of-fold predictions
+    model.gain, model.cv_score = _select_gain(oof, ys_s, neutral_s, splits, offset_mean, cfg.gains)
+    return model
 
 
 def mouth_error(pred: np.ndarray, true: np.ndarray, scale: float) -> float:

@@ -28,7 +28,7 @@ from .audio2motion import (MotionConfig, MotionData, MotionEnsemble, MotionModel
 
 MOTION_FILE = "models/motion/motion.pt"
 MOTION_EVAL = "models/motion/eval.json"
-CODE_VERSION = 4
+CODE_VERSION = 5
 UPSTREAM = ("landmarks", "facefit", "audio_features")
 
 
@@ -89,9 +89,14 @@ def evaluate(model: MotionModel | MotionEnsemble, data: MotionData, lmk: np.ndar
         a, b = mouth_opening(p), mouth_opening(true)
         return float(np.corrcoef(a, b)[0, 1]) if a.std() > 1e-9 and b.std() > 1e-9 else 0.0
 
+    def spread(p):  # how much the mouth opens and closes (mm)
+        return round(float(mouth_opening(p).std() * 1000), 3)
+
     out = {}
     for name, p in (("audio2motion", pred), ("mean_expression", mean), ("audio_retrieval", retrieval)):
-        out[name] = {"mouth_mm": round(mouth_error(p, true, 1.0), 3), "opening_corr": round(corr(p), 3)}
+        out[name] = {"mouth_mm": round(mouth_error(p, true, 1.0), 3), "opening_corr": round(corr(p), 3),
+                     "opening_std_mm": spread(p)}
+    out["tracked"] = {"opening_std_mm": spread(true)}
     out["frames"] = [int(hold[0]), int(hold[-1])]
     out["selected"] = model.describe()
     return out
