@@ -319,9 +319,9 @@ inline void for_each_point(const T* x, int64_t i0, int64_t i1, const Level& L, c
 }
 
 // ---------------------------------------------------------------- forward
-// One level for points [i0, i1): out[i * out_stride + f] (out points at the level's column).
+// One level for points [i0, i1): out[i * F + f] (out: the level's (n, F) slice of the scratch).
 template <int D, int F, bool Hashed, class T>
-TK_NOIPA void forward_level(const T* x, int64_t i0, int64_t i1, const T* tab, const Level& L, T* out, int64_t out_stride) {
+TK_NOIPA void forward_level(const T* x, int64_t i0, int64_t i1, const T* tab, const Level& L, T* out) {
   constexpr int C = 1 << D;
   for_each_point<D, F, Hashed>(x, i0, i1, L, tab, [&](const Group<D, Hashed, T>& g, int j, int64_t i) {
     T acc[F];
@@ -330,7 +330,7 @@ TK_NOIPA void forward_level(const T* x, int64_t i0, int64_t i1, const T* tab, co
       const T* e = tab + (size_t)g.rows[b][j] * F;
       for (int f = 0; f < F; ++f) acc[f] += g.w[b][j] * e[f];
     }
-    T* o = out + i * out_stride;
+    T* o = out + i * F;
     for (int f = 0; f < F; ++f) o[f] = acc[f];
   });
 }
@@ -376,9 +376,9 @@ void forward(const T* x, int64_t n, const T* table, const HashGridLevels& lv, T*
         if (!lv.active[l]) {
           std::memset(dst + blk * F, 0, (size_t)(b1 - blk) * F * sizeof(T));
         } else if (L.hashed) {
-          forward_level<D, F, true>(xc, blk, b1, table + L.offset * F, L, dst, F);
+          forward_level<D, F, true>(xc, blk, b1, table + L.offset * F, L, dst);
         } else {
-          forward_level<D, F, false>(xc, blk, b1, table + L.offset * F, L, dst, F);
+          forward_level<D, F, false>(xc, blk, b1, table + L.offset * F, L, dst);
         }
       }
     }
