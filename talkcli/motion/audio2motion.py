@@ -240,11 +240,15 @@ def _select_gain(oof: np.ndarray, ys: np.ndarray, neutral: np.ndarray, splits: l
     scaling a badly timed one up moves it further away."""
     best = (1.0, float("inf"))
     for g in sorted(gains):
-        p = _amplified(oof, centre, g)
-        score = float(np.mean([_sync_score(p[te], ys[te], neutral[te], base) for _, te, base in splits]))
+        score = _cv_score(_amplified(oof, centre, g), ys, neutral, splits)
         if score < best[1] - 1e-9:
             best = (float(g), score)
     return best
+
+
+def _cv_score(oof: np.ndarray, ys: np.ndarray, neutral: np.ndarray, splits: list) -> float:
+    """Mean _sync_score over the folds of out-of-fold predictions ``oof`` of the selection frames."""
+    return float(np.mean([_sync_score(oof[te], ys[te], neutral[te], base) for _, te, base in splits]))
 
 
 def _mouth_err(pred_offsets: np.ndarray, true_offsets: np.ndarray) -> float:
@@ -365,14 +369,13 @@ def fit(datasets: list[MotionData], cfg: MotionConfig = MotionConfig(),
     # the best setting of each source, averaged: kept when cross-validation scores it better
     per_source = [min((key for key in mean_scores if key[0] == src), key=mean_scores.get)
                   for src in sources if any(key[0] == src for key in mean_scores)]
-    model, oof = None, None
-    if len(per_source) > 1:
-        avg = np.mean([out_of_fold(key) for key in per_source], axis=0)
-        score = float(np.mean([_sync_score(avg[te], ys_s[te], neutral_s[te], base) for _, te, base in splits]))
-        if score < mean_scores[best]:
-            model, oof = MotionEnsemble([final(key) for key in per_source], score), avg
-    if model is None:
-        model, oof = final(best), out_of_fold(best)
+    oofs = {key: out_of_fold(key) for key in per_source}  # best is one of them
+    avg = np.mean(list(oofs.values()), axis=0)
+    score = _cv_score(avg, ys_s, neutral_s, splits)
+    if len(per_source) > 1 and score < mean_scores[best]:
+        model, oof = MotionEnsemble([final(key) for key in per_source], score), avg
+    else:
+        model, oof = final(best), oofs[best]
     # then the amplitude, on the chosen model's out-of-fold predictions
     model.gain, model.cv_score = _select_gain(oof, ys_s, neutral_s, splits, offset_mean, cfg.gains)
     return model
