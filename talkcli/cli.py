@@ -169,7 +169,7 @@ def status(
         ws = Workspace(workspace)
         if not ws.root.is_dir() or not ws.is_workspace():
             raise TalkError(f"{workspace} is not a talkcli workspace (no workspace.json)")
-        rows = ws.status()
+        rows = _status_rows(ws)
         if as_json:
             _emit_json({
                 "workspace": str(ws.root),
@@ -190,6 +190,18 @@ def status(
                           (r.record or {}).get("started", ""),
                           f"{r.record['seconds']:.1f}" if r.record else "")
         progress.console.print(table)
+
+
+def _status_rows(ws) -> list:
+    """The stage table; when no run holds the workspace and it is writable, outputs verified by
+    content after a copy get their new stamps recorded (so the next check is quick)."""
+    from .errors import StorageError, WorkspaceLocked
+
+    try:
+        with ws.locked("talk status"):
+            return ws.status()
+    except (WorkspaceLocked, StorageError):
+        return ws.status()
 
 
 # --------------------------------------------------------------------------- info
@@ -447,10 +459,17 @@ def train_motion(
 ) -> None:
     """Train a general audio-to-motion model across workspaces (use it with --motion-model)."""
     with _errors():
+        from .avatar.data import check_preprocessed
         from .motion import stage as motion_stage
         from .workspace import Workspace
 
-        summary = motion_stage.train_general([Workspace(w) for w in workspaces], output)
+        spaces = [Workspace(w) for w in workspaces]
+        for ws in spaces:
+            check_preprocessed(ws)
+        with contextlib.ExitStack() as held:  # no preprocess may redo what is being read
+            for ws in spaces:
+                held.enter_context(ws.locked(f"talk train-motion {ws.root}"))
+            summary = motion_stage.train_general(spaces, output)
         if as_json:
             _emit_json(summary)
         else:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -62,14 +64,22 @@ STAGES: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------- atomic writes
 
 
+# Temporary names: ".<stem>.<random>-<pid>.tmp<suffix>" beside the target. The pid lets a later
+# writer of the same path, or the next locked run of the workspace, remove what a killed run left.
+_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}-(\d+)\.tmp(\.[^.]+)?$")
+_OLD_TMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.[^.]+)?$")  # written before the pid was in the name
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, what: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     The temporary name keeps the suffix so that writers that look at it (numpy, soundfile) work.
+    Temporary files of the same target left by a process that is gone (a kill) are removed first.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    _sweep_dead(path.parent, f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}-{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -79,6 +89,24 @@ def atomic_path(path: Path, what: str | None = None) -> Iterator[Path]:
     except BaseException:
         _unlink_quiet(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def _sweep_dead(folder: Path, pattern: str) -> None:
+    with contextlib.suppress(OSError):
+        for stray in folder.glob(pattern):
+            m = _TMP_NAME.match(stray.name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                _unlink_quiet(stray)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -106,7 +134,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _unlink_quiet(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # best effort: a read-only file system keeps it
         os.unlink(path)
 
 
@@ -121,14 +149,17 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def source_fingerprint(path: Path, previous: dict | None = None) -> dict:
-    """Size, mtime and content hash of an input file.
+def source_fingerprint(path: Path, previous: dict | None = None, *, workspace: Path | None = None) -> dict:
+    """Size, mtime and content hash of an input file (and where it is, relative to ``workspace``).
 
     The hash is reused from ``previous`` when size and mtime are unchanged, so that checking an
-    up-to-date workspace does not re-read a large video.
+    up-to-date workspace does not re-read a large video. The relative path lets a workspace moved
+    together with its video find it again.
     """
     st = os.stat(path)
     fp = {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if workspace is not None:
+        fp["relpath"] = os.path.relpath(Path(path).resolve(), Path(workspace).resolve())
     if previous and previous.get("size") == fp["size"] and previous.get("mtime_ns") == fp["mtime_ns"]:
         fp["sha256"] = previous["sha256"]
     else:
@@ -137,8 +168,16 @@ def source_fingerprint(path: Path, previous: dict | None = None) -> dict:
 
 
 def fingerprint_key(fp: dict) -> str:
-    """The part of a fingerprint that identifies the input (not where it lives)."""
-    return f"{fp['size']}:{fp['mtime_ns']}:{fp['sha256']}"
+    """The part of a fingerprint that identifies the input: its content, not where it lives nor
+    when it was copied there."""
+    return f"{fp['size']}:{fp['sha256']}"
+
+
+def same_source(recorded_key: str, fp: dict) -> bool:
+    """Whether a recorded source key names the content of ``fp``. Keys written before 0.1.1 also
+    hold the mtime (``size:mtime:sha256``); only size and hash are compared."""
+    parts = str(recorded_key).split(":")
+    return len(parts) >= 2 and parts[0] == str(fp["size"]) and parts[-1] == fp["sha256"]
 
 
 def stage_key(name: str, code_version: int, config: dict, inputs: dict) -> str:
@@ -146,21 +185,75 @@ def stage_key(name: str, code_version: int, config: dict, inputs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def output_stats(root: Path, rel: str) -> dict | None:
-    """Cheap identity of an output: size+mtime for a file, count+bytes for a directory."""
+# --------------------------------------------------------------------------- output identity
+#
+# An output is recorded with a cheap stamp (size and mtime of a file; count, bytes and a digest of
+# every file's name, size and mtime for a directory) and its content hash. The stamp decides in
+# the common case; when it differs but the sizes agree (a copy, rsync without -t, a tar without
+# sub-second times), the content hash does, so a copied workspace keeps every unchanged stage and
+# one changed byte still counts.
+
+
+def _dir_files(p: Path) -> list[tuple[str, os.stat_result]]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(p):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            found.append((os.path.relpath(full, p).replace(os.sep, "/"), os.stat(full)))
+    return found
+
+
+def output_stats(root: Path, rel: str, *, content: bool = True) -> dict | None:
+    """The identity of an output: its stamp and, with ``content``, its content hash."""
     p = root / rel
     if p.is_file():
         st = p.stat()
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if content:
+            out["sha256"] = file_sha256(p)
+        return out
     if p.is_dir():
-        n = total = 0
-        with os.scandir(p) as it:
-            for entry in it:
-                if entry.is_file():
-                    n += 1
-                    total += entry.stat().st_size
-        return {"files": n, "bytes": total}
+        files = _dir_files(p)
+        stamp = hashlib.sha1()
+        for name, st in files:
+            stamp.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        out = {"files": len(files), "bytes": sum(st.st_size for _, st in files), "stamp": stamp.hexdigest()}
+        if content:
+            out["sha256"] = _dir_sha256(p, [name for name, _ in files])
+        return out
     return None
+
+
+def _dir_sha256(p: Path, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        h.update(f"{name}\0{file_sha256(p / name)}\n".encode())
+    return h.hexdigest()
+
+
+_SIZE_FIELDS = ("size", "files", "bytes")
+_STAMP_FIELDS = ("mtime_ns", "stamp")
+
+
+def check_output(root: Path, rel: str, recorded: dict) -> tuple[str, dict | None]:
+    """``("same", None)``, ``("restamped", stamp)`` when only the stamp moved (the content is the
+    recorded one: the new stamp to record), ``("changed", None)`` or ``("removed", None)``."""
+    now = output_stats(root, rel, content=False)
+    if now is None:
+        return "removed", None
+    if any(recorded.get(k) != now.get(k) for k in _SIZE_FIELDS if k in recorded or k in now):
+        return "changed", None
+    if all(recorded.get(k) == now.get(k) for k in _STAMP_FIELDS if k in recorded or k in now):
+        return "same", None
+    if "sha256" not in recorded:
+        # written before content hashes were recorded: the sizes agree and that is all we know;
+        # trusting them keeps a copied older workspace instead of redoing all of it
+        return "same", None
+    full = output_stats(root, rel, content=True)
+    if full["sha256"] != recorded["sha256"]:
+        return "changed", None
+    return "restamped", {k: now[k] for k in _STAMP_FIELDS if k in now}
 
 
 # --------------------------------------------------------------------------- the workspace
@@ -229,9 +322,14 @@ class Workspace:
             except OSError as exc:
                 raise storage_error(exc, str(holder)) from exc
             self._clean_tmp()
+            if self.is_workspace():
+                self.status(restamp=True)  # a copied workspace is verified (hashed) once, here
             yield self
         finally:
-            _unlink_quiet(holder)
+            # the flock is the lock; a holder note left on a file system that turned read-only
+            # names nobody once the lock is free
+            with contextlib.suppress(OSError):
+                os.unlink(holder)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -247,8 +345,10 @@ class Workspace:
         tmp = self.root / TMPDIR
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        for stray in self.root.glob(".*.tmp*"):
-            _unlink_quiet(stray)
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.startswith(".") and ".tmp" in name and (_TMP_NAME.match(name) or _OLD_TMP.match(name)):
+                    _unlink_quiet(Path(dirpath) / name)
 
     def remove_if_unused(self) -> None:
         """Delete a workspace that holds no finished stage (a first run that failed early)."""
@@ -334,26 +434,52 @@ class Workspace:
 
     # ---- status
 
-    def status(self) -> list[StageStatus]:
+    def find_source(self) -> tuple[dict | None, dict | None]:
+        """The recorded source fingerprint and the file's fingerprint now: at its recorded path,
+        else at the same place relative to the workspace (the two moved together); None for the
+        second when neither is there."""
+        source = self.manifest().get("source")
+        if not source:
+            return None, None
+        candidates = [Path(source["path"])]
+        if source.get("relpath"):
+            candidates.append(self.root / source["relpath"])
+        for cand in candidates:
+            try:
+                same_place = str(cand.resolve()) == source["path"]
+                return source, source_fingerprint(cand, previous=source if same_place else None, workspace=self.root)
+            except OSError:
+                continue
+        return source, None
+
+    def _check_outputs(self, rec: dict, restamps: dict) -> tuple[str, str] | None:
+        """None when every output of ``rec`` is the recorded one, else (state, reason)."""
+        for rel, stats in rec.get("outputs", {}).items():
+            verdict, stamp = check_output(self.root, rel, stats)
+            if verdict == "removed":
+                return "missing", f"output removed: {rel}"
+            if verdict == "changed":
+                return "stale", f"output changed: {rel}"
+            if verdict == "restamped":
+                restamps.setdefault(rec["name"], {})[rel] = stamp
+        return None
+
+    def status(self, *, restamp: bool = False) -> list[StageStatus]:
+        """Every stage's state. With ``restamp`` (the caller holds the lock) the stamps of outputs
+        whose content was verified unchanged are recorded, so a copied workspace is hashed once."""
         data = self.manifest()
         stages = data["stages"]
-        source = data.get("source")
-        source_now = None
-        if source:
-            try:
-                source_now = source_fingerprint(Path(source["path"]), previous=source)
-            except OSError:
-                source_now = None
+        source, source_now = self.find_source()
+        restamps: dict[str, dict] = {}
         result: dict[str, StageStatus] = {}
         for name, deps in STAGES.items():
             rec = stages.get(name)
             if rec is None:
                 result[name] = StageStatus(name, "missing", "not run", None)
                 continue
-            broken = [rel for rel, stats in rec.get("outputs", {}).items()
-                      if output_stats(self.root, rel) != stats]
+            broken = self._check_outputs(rec, restamps)
             if broken:
-                result[name] = StageStatus(name, "missing", f"output changed or removed: {broken[0]}", rec)
+                result[name] = StageStatus(name, broken[0], broken[1], rec)
                 continue
             reason = ""
             for dep in deps:
@@ -364,23 +490,55 @@ class Workspace:
                     reason = f"upstream {dep} was redone"
                 if reason:
                     break
+            note = ""
             if not deps and "source" in rec["inputs"]:
                 if source_now is None:
-                    reason = "source file is gone"
-                elif rec["inputs"]["source"] != fingerprint_key(source_now):
+                    # the outputs are all a later stage needs: a workspace moved without its video
+                    # keeps its work (preprocess given the video again checks it)
+                    note = "source video not found; its outputs are kept"
+                elif not same_source(rec["inputs"]["source"], source_now):
                     reason = "source file changed"
             if reason:
                 result[name] = StageStatus(name, "stale", reason, rec)
             else:
-                result[name] = StageStatus(name, "done", "", rec)
+                result[name] = StageStatus(name, "done", note, rec)
         # Records of stages this version does not know (written by a newer talkcli) are shown too.
         for name, rec in stages.items():
             if name not in result:
                 result[name] = StageStatus(name, "done", "unknown stage", rec)
+        if restamp:
+            self._restamp(restamps, source, source_now)
         return list(result.values())
+
+    def _restamp(self, restamps: dict, source: dict | None, source_now: dict | None) -> None:
+        moved = source_now is not None and source_now != source and source_now["sha256"] == source["sha256"]
+        if not restamps and not moved:
+            return
+        data = self.manifest()
+        for name, outs in restamps.items():
+            for rel, stamp in outs.items():
+                data["stages"][name]["outputs"][rel].update(stamp)
+        if moved:
+            data["source"] = source_now
+        try:
+            self._write_manifest(data)
+        except StorageError:  # a read-only copy: verified again next time
+            pass
 
 
 # --------------------------------------------------------------------------- running a stage
+
+
+def _source_input(rec: dict | None, given: dict | str) -> str:
+    """The key a stage records for its source: the recorded one while the content is the same
+    (whatever its path, mtime or key format), so a copied source or workspace is not redone."""
+    if isinstance(given, str):
+        parts = given.split(":")
+        given = {"size": parts[0], "sha256": parts[-1]}
+    recorded = (rec or {}).get("inputs", {}).get("source")
+    if recorded and same_source(recorded, given):
+        return recorded
+    return fingerprint_key(given)
 
 
 @dataclasses.dataclass
@@ -405,16 +563,18 @@ def run_stage(
 
     ``fn`` writes ``outputs`` (paths relative to the workspace, each atomically) and returns a
     summary dict stored in the record. ``inputs`` maps upstream stage names to their records'
-    ``output_key`` (or ``source`` to the source fingerprint key).
+    ``output_key`` (or ``source`` to the source fingerprint: compared by content).
     """
-    key = stage_key(name, code_version, config, inputs)
     rec = ws.record(name)
+    if "source" in inputs:
+        inputs = {**inputs, "source": _source_input(rec, inputs["source"])}
+    key = stage_key(name, code_version, config, inputs)
     if (
         not force
         and rec is not None
         and rec.get("key") == key
         and "output_key" in rec  # records written before output keys existed are redone
-        and all(output_stats(ws.root, rel) == stats for rel, stats in rec.get("outputs", {}).items())
+        and ws._check_outputs(rec, {}) is None
     ):
         return StageResult(name, rec, skipped=True)
     # From here until the new record is committed the stage counts as missing: a run killed
@@ -450,11 +610,13 @@ __all__ = [
     "StageStatus",
     "Workspace",
     "atomic_path",
+    "check_output",
     "file_sha256",
     "fingerprint_key",
     "output_stats",
     "read_json",
     "run_stage",
+    "same_source",
     "source_fingerprint",
     "stage_key",
     "write_json",

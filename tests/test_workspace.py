@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -29,7 +31,7 @@ def _write(ws: Workspace, rel: str, text: str) -> dict:
 
 
 def _run_all(ws: Workspace, src, cfg_b: int = 1, force: bool = False) -> dict:
-    fp = source_fingerprint(src, previous=ws.source())
+    fp = source_fingerprint(src, previous=ws.source(), workspace=ws.root)
     ws.set_source(fp)
     calls = {}
     a = run_stage(ws, "a", code_version=1, config={}, inputs={"source": fingerprint_key(fp)}, outputs=["a.txt"],
@@ -68,11 +70,116 @@ def test_source_change_marks_everything_stale(tmp_path, graph):
     ws.create()
     _run_all(ws, src)
     st = os.stat(src)
-    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: the content is the same
+    assert _states(ws) == {"a": "done", "b": "done", "c": "done"}
+    assert _run_all(ws, src) == {"a": False, "b": False, "c": False}
+    src.write_text("hellO")  # same size, another content
     states = {s.name: (s.state, s.reason) for s in ws.status()}
     assert states["a"] == ("stale", "source file changed")
     assert states["b"] == ("stale", "upstream a is stale")
     assert _run_all(ws, src) == {"a": True, "b": True, "c": True}
+
+
+def _copy_with_fresh_mtimes(src_dir, dst_dir):
+    """What cp -r, scp, rsync without -t or a cloud download do: same bytes, new mtimes."""
+    shutil.copytree(src_dir, dst_dir, copy_function=shutil.copyfile)
+    later = time.time_ns() + 5 * 10**9
+    for p in [dst_dir, *dst_dir.rglob("*")]:
+        os.utime(p, ns=(later, later))
+
+
+def test_copied_workspace_and_source_keep_every_stage(tmp_path, graph):
+    """Workspace and source moved together to another place with new mtimes: nothing is redone,
+    the stamps are recorded once (the next check hashes nothing), and the source is found again
+    beside the workspace."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "src.txt").write_text("hello")
+    ws = Workspace(home / "ws")
+    ws.create()
+    (ws.root / "dir").mkdir()
+    (ws.root / "dir" / "1.bin").write_bytes(b"one")
+    _run_all(ws, home / "src.txt")
+    _copy_with_fresh_mtimes(home, tmp_path / "elsewhere")
+    shutil.rmtree(home)
+    copy = Workspace(tmp_path / "elsewhere" / "ws")
+    rows = {s.name: (s.state, s.reason) for s in copy.status()}
+    assert rows == {"a": ("done", ""), "b": ("done", ""), "c": ("done", "")}
+    with copy.locked("test"):  # records the new stamps and where the source is now
+        pass
+    assert copy.source()["path"] == str((tmp_path / "elsewhere" / "src.txt").resolve())
+    for rec in copy.manifest()["stages"].values():
+        for rel, stats in rec["outputs"].items():
+            assert wsmod.check_output(copy.root, rel, stats) == ("same", None)
+    assert _run_all(copy, tmp_path / "elsewhere" / "src.txt") == {"a": False, "b": False, "c": False}
+
+
+def test_workspace_without_its_source_keeps_its_stages(tmp_path, graph):
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    src.unlink()
+    rows = {s.name: (s.state, s.reason) for s in ws.status()}
+    assert rows["a"] == ("done", "source video not found; its outputs are kept")
+    assert rows["b"] == rows["c"] == ("done", "")
+
+
+@pytest.mark.parametrize("where", ["file", "dir"])
+def test_one_changed_byte_makes_the_stage_and_its_downstream_stale(tmp_path, where, monkeypatch):
+    monkeypatch.setattr(wsmod, "STAGES", {"a": (), "b": ("a",), "c": ("b",)})
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+
+    def write_dir():
+        with ws.staging_dir("d") as d:
+            (d / "x.bin").write_bytes(b"abcdef")
+            (d / "sub").mkdir()
+            (d / "sub" / "y.bin").write_bytes(b"012345")
+        return {}
+
+    a = run_stage(ws, "a", code_version=1, config={}, inputs={}, outputs=["a.txt"],
+                  fn=lambda: _write(ws, "a.txt", "aaaa"))
+    b = run_stage(ws, "b", code_version=1, config={}, inputs={"a": a.record["output_key"]},
+                  outputs=["b.txt", "d"], fn=lambda: (_write(ws, "b.txt", "bbbb"), write_dir())[1])
+    run_stage(ws, "c", code_version=1, config={}, inputs={"b": b.record["output_key"]}, outputs=["c.txt"],
+              fn=lambda: _write(ws, "c.txt", "c"))
+    target = ws.path("b.txt") if where == "file" else ws.path("d/sub/y.bin")
+    data = bytearray(target.read_bytes())
+    data[2] ^= 1
+    _copy_with_fresh_mtimes(ws.root, tmp_path / "copy")  # a copy, then the change
+    copy = Workspace(tmp_path / "copy")
+    (copy.root / target.relative_to(ws.root)).write_bytes(bytes(data))
+    rows = {s.name: (s.state, s.reason) for s in copy.status()}
+    assert rows["a"] == ("done", "")
+    assert rows["b"] == ("stale", f"output changed: {'b.txt' if where == 'file' else 'd'}")
+    assert rows["c"] == ("stale", "upstream b is stale")
+
+
+def test_records_of_older_versions_survive_a_copy(tmp_path, graph):
+    """Records written before content hashes (size + mtime only, a source key with the mtime):
+    after a copy their stages stay done, and preprocess-style reruns skip them."""
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    data = ws.manifest()
+    for rec in data["stages"].values():
+        for stats in rec["outputs"].values():
+            stats.pop("sha256", None)
+    fp = data["source"]
+    old_key = f"{fp['size']}:{fp['mtime_ns']}:{fp['sha256']}"
+    a = data["stages"]["a"]
+    a["inputs"]["source"] = old_key
+    a["key"] = wsmod.stage_key("a", 1, {}, a["inputs"])
+    ws._write_manifest(data)
+    _copy_with_fresh_mtimes(tmp_path / "ws", tmp_path / "copy")
+    os.utime(src, ns=(time.time_ns() + 10**10,) * 2)
+    copy = Workspace(tmp_path / "copy")
+    assert _states(copy) == {"a": "done", "b": "done", "c": "done"}
+    assert _run_all(copy, src) == {"a": False, "b": False, "c": False}
 
 
 def test_redone_upstream_makes_downstream_stale(tmp_path, graph):

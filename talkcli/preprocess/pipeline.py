@@ -23,8 +23,7 @@ from ..config import (AUDIO_FIELDS, DETECT_FIELDS, FACEFIT_FIELDS, FEATURE_FIELD
 from ..errors import InputError
 from ..media.decode import CropBox, frame_size, iter_frames
 from ..media.probe import AudioInfo, MediaInfo, VideoInfo, duration_str, probe
-from ..workspace import (Workspace, atomic_path, fingerprint_key, read_json, run_stage, source_fingerprint,
-                         write_json)
+from ..workspace import Workspace, atomic_path, read_json, run_stage, source_fingerprint, write_json
 from .detect import quiet_native_stderr
 from .frameio import BackgroundWriter, read_frames, write_image
 
@@ -70,7 +69,7 @@ def run(ws: Workspace, video: Path, cfg: PreprocessConfig, *, force: bool = Fals
     previous = ws.source()
     same_path = previous is not None and previous.get("path") == str(video.resolve())
     try:
-        fp = source_fingerprint(video, previous=previous if same_path else None)
+        fp = source_fingerprint(video, previous=previous if same_path else None, workspace=ws.root)
     except OSError as exc:
         raise InputError(f"cannot read {video}: {exc.strerror}") from exc
     if previous != fp:
@@ -86,7 +85,7 @@ def run(ws: Workspace, video: Path, cfg: PreprocessConfig, *, force: bool = Fals
         progress.info(f"[green]✓[/green] {name:<15} {verb}")
         return res.record
 
-    probe_rec = stage("probe", {"source": fingerprint_key(fp)}, PROBE_FIELDS, [PROBE_JSON],
+    probe_rec = stage("probe", {"source": fp}, PROBE_FIELDS, [PROBE_JSON],
                       lambda: _probe(ws, video, cfg))
     info, timeline = load_probe(ws)
     detect_rec = stage("detect", {"probe": probe_rec["output_key"]}, DETECT_FIELDS, [FACES_NPZ, CROP_JSON],
