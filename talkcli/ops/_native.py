@@ -3,7 +3,8 @@
 One extension per device kind: ``talkcli_kernels_cpu`` (``kernels/bind/module.cpp`` +
 ``kernels/cpu/*.cpp``, C++17 with OpenMP) and, on a machine whose torch sees a GPU,
 ``talkcli_kernels_cuda`` (the same plus ``kernels/cuda/*.cu``; it serves CPU tensors too). They
-are compiled by ``torch.utils.cpp_extension`` on first use into a per-machine cache directory;
+are compiled by ``torch.utils.cpp_extension`` on first use into a cache directory per machine, torch,
+python and kernel source location (built under a lock that a killed build cannot leave stale);
 ninja rebuilds only what changed.
 
 The backend setting picks what the ops use:
@@ -16,6 +17,7 @@ It comes from ``TALKCLI_KERNELS`` or ``use_backend()``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -95,6 +98,15 @@ def _machine_tag(kind: str) -> str:
     return f"{kind}-torch{torch.__version__.replace('+', '_')}-{py}-{digest}"
 
 
+def build_dir(kind: str) -> Path:
+    """Where ``kind``'s extension is built: per machine, torch, python and kernel source location
+    (ninja's build file names the sources' paths, so two checkouts sharing one directory would
+    rebuild each other's kernels on every switch)."""
+    src = hashlib.sha1(str(kernel_dir().resolve()).encode()).hexdigest()[:8]
+    only = _only()
+    return cache_root() / f"{_machine_tag(kind)}-src{src}{f'_{only}' if only else ''}"
+
+
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
 
@@ -154,6 +166,63 @@ def _accepts_flag(flag: str) -> bool:
     return done.returncode == 0
 
 
+LOCK_NAME = ".talkcli-build.lock"
+
+
+def _lock_timeout() -> float:
+    value = os.environ.get("TALKCLI_KERNEL_LOCK_TIMEOUT", "900")
+    try:
+        return float(value)
+    except ValueError:
+        raise NotAvailable(f"TALKCLI_KERNEL_LOCK_TIMEOUT={value!r}: give a number of seconds") from None
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holder(fd: int) -> str:
+    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return f"another talk process (pid {pid})" if pid.isdigit() else "another talk process"
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory/.talkcli-build.lock`` (flock) while torch builds and loads the extension.
+
+    The kernel drops an flock when its process dies, so unlike torch's own ``lock`` baton file
+    (created with O_EXCL, waited on forever, left behind by a killed build) it is never stale.
+    The holder writes its pid into the file so that a waiter can name it."""
+    from ..progress import info, warn
+
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd):
+            timeout, who = _lock_timeout(), _holder(fd)
+            info(f"waiting for {who} that is building the kernels in {directory}")
+            deadline = time.monotonic() + timeout
+            while not _try_lock(fd):
+                if time.monotonic() > deadline:
+                    raise NotAvailable(f"gave up after {timeout:g} s waiting for {who} that is building the kernels "
+                                       f"in {directory}; stop it, or remove {path} if it is hung")
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # every talkcli build runs under this flock, so a baton found now was left by a killed one
+        baton = directory / "lock"
+        if baton.exists():
+            warn(f"removing {baton} left by an interrupted kernel build")
+            baton.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def _build(kind: str):
     from ..progress import info
     from torch.utils import cpp_extension
@@ -166,11 +235,9 @@ def _build(kind: str):
         raise NotAvailable("CUDA toolkit (nvcc) not found: set CUDA_HOME")
     only = _only()
     suffix = f"_{only}" if only else ""
-    build_dir = cache_root() / (_machine_tag(kind) + suffix)
-    build_dir.mkdir(parents=True, exist_ok=True)
+    directory = build_dir(kind)
+    directory.mkdir(parents=True, exist_ok=True)
     root = kernel_dir()
-    if not any(build_dir.glob("*.so")):  # later runs only check that the build is up to date
-        info(f"native kernels: building {kind} extension (first use only, about a minute) in {build_dir}")
     kwargs = dict(
         name=f"talkcli_kernels_{kind}{suffix}",
         sources=[str(p) for p in sources(kind)],
@@ -178,12 +245,15 @@ def _build(kind: str):
         extra_cflags=cpu_flags() + (["-DTALKCLI_WITH_CUDA"] if kind == "cuda" else [])
         + (["-DTK_ONLY", f"-DTK_ONLY_{only.upper()}"] if only else []),
         extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
+        build_directory=str(directory),
         verbose=os.environ.get("TALKCLI_KERNELS_VERBOSE") == "1",
     )
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = ["-O3", "-DTALKCLI_WITH_CUDA", "--expt-relaxed-constexpr"]
-    return cpp_extension.load(**kwargs)
+    with _build_lock(directory):
+        if not any(directory.glob("*.so")):  # later runs only check that the build is up to date
+            info(f"native kernels: building {kind} extension (first use only, about a minute) in {directory}")
+        return cpp_extension.load(**kwargs)
 
 
 def load(kind: str = "cpu"):
@@ -235,7 +305,11 @@ def status() -> dict:
     out = {"backend": backend(), "cxx": _compiler(), "nvcc": shutil.which("nvcc") or (
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)}
     for kind in ("cpu", "cuda"):
-        lib = cache_root() / _machine_tag(kind)
+        try:
+            lib = build_dir(kind)  # the directory _build uses (TALKCLI_KERNEL_ONLY included)
+        except NotAvailable as exc:  # the sources are missing
+            out[kind] = str(exc)
+            continue
         built = any(lib.glob(f"talkcli_kernels_{kind}*.so")) if lib.is_dir() else False
         out[kind] = "loaded" if kind in _loaded else ("built" if built else (_failed.get(kind) or "not built yet"))
     return out
