@@ -40,6 +40,7 @@ from . import __version__
 from .errors import StorageError, TalkError, WorkspaceLocked, storage_error
 
 MANIFEST = "workspace.json"
+MANIFEST_BACKUP = ".workspace.json.bak"
 LOCKFILE = ".talk.lock"
 TMPDIR = ".tmp"
 MANIFEST_FORMAT = 1
@@ -114,6 +115,18 @@ def write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically. Through a Python file object, so that a full disk raises
+    OSError(ENOSPC) (torch's own file writer reports it as a RuntimeError with no errno)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -259,6 +272,18 @@ def check_output(root: Path, rel: str, recorded: dict) -> tuple[str, dict | None
 # --------------------------------------------------------------------------- the workspace
 
 
+def _manifest_data(data: Any) -> dict:
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise ValueError("not a talkcli manifest")
+    data.setdefault("stages", {})
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+
 @dataclasses.dataclass
 class StageStatus:
     name: str
@@ -364,21 +389,37 @@ class Workspace:
     def is_workspace(self) -> bool:
         return self.manifest_path.is_file()
 
+    @property
+    def backup_path(self) -> Path:
+        return self.root / MANIFEST_BACKUP
+
     def manifest(self) -> dict:
         if not self.manifest_path.exists():
             return {"format": MANIFEST_FORMAT, "source": None, "stages": {}}
         try:
-            data = read_json(self.manifest_path)
+            return _manifest_data(read_json(self.manifest_path))
         except (OSError, ValueError) as exc:
-            raise TalkError(f"the workspace manifest {self.manifest_path} is unreadable ({exc}); "
-                            "move it away to start the workspace afresh") from exc
-        data.setdefault("stages", {})
+            damage = exc
+        # every write keeps a second copy: a manifest damaged by hand, a disk error or a bad copy
+        # costs nothing finished
+        try:
+            data = _manifest_data(read_json(self.backup_path))
+        except (OSError, ValueError):
+            raise TalkError(f"the workspace manifest {self.manifest_path} is damaged ({_first_line(damage)}) and "
+                            f"has no intact backup; move it away and rerun `talk preprocess VIDEO -w {self.root}` "
+                            "(every stage is redone)") from damage
+        from .progress import warn
+
+        warn(f"{self.manifest_path} is damaged ({_first_line(damage)}); using its backup {self.backup_path.name}")
+        with contextlib.suppress(TalkError):
+            write_json(self.manifest_path, data)
         return data
 
     def _write_manifest(self, data: dict) -> None:
         data["format"] = MANIFEST_FORMAT
         data["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
         write_json(self.manifest_path, data)
+        write_json(self.backup_path, data)
 
     def record(self, name: str) -> dict | None:
         return self.manifest()["stages"].get(name)
@@ -620,4 +661,5 @@ __all__ = [
     "source_fingerprint",
     "stage_key",
     "write_json",
+    "write_torch",
 ]

@@ -349,3 +349,36 @@ def test_second_run_on_a_busy_workspace_exits_3(base, tmp_path, stage):
     assert len(lines) == 1 and "in use by pid" in lines[0] and str(holder.pid) in lines[0], proc.stderr
     assert digests(ws) == before
     assert not (tmp_path / "general.pt").exists() and not (tmp_path / "out.mp4").exists()
+
+
+# --------------------------------------------------------------------------- a copied workspace
+
+
+def copy_with_fresh_mtimes(src: Path, dst: Path) -> None:
+    """What cp -r, scp, rsync without -t or a cloud download do: the same bytes, new mtimes."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    later = time.time_ns() + 5 * 10**9
+    for p in [dst, *dst.rglob("*")]:
+        os.utime(p, ns=(later, later))
+
+
+def test_copied_workspace_keeps_its_work_and_one_changed_byte_counts(base, tmp_path):
+    ws = tmp_path / "copy"
+    copy_with_fresh_mtimes(base.ws, ws)
+    rows = json.loads(ok(cli("status", ws, "--json")).stdout)["stages"]
+    assert {r["name"]: r["state"] for r in rows} == {r.name: "done" for r in Workspace(base.ws).status()}
+    out = tmp_path / "out.mp4"
+    ok(cli("render", ws, "--audio", base.speech, "-o", out))
+    assert sha256(out) == sha256(base.mp4)
+    assert json.loads(ok(cli("train", ws, *TINY, "--json")).stdout)["skipped"]  # nothing is redone
+
+    fit = ws / "facefit.npz"
+    data = bytearray(fit.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    fit.write_bytes(bytes(data))
+    rows = {r["name"]: (r["state"], r["reason"]) for r in json.loads(ok(cli("status", ws, "--json")).stdout)["stages"]}
+    assert rows["facefit"] == ("stale", "output changed: facefit.npz")
+    assert rows["train_r2talker"] == rows["train_motion"] == ("stale", "upstream facefit is stale")
+    assert rows["landmarks"][0] == rows["matting"][0] == rows["audio_features"][0] == "done"
+    proc = cli("render", ws, "--audio", base.speech, "-o", tmp_path / "again.mp4")
+    assert proc.returncode == 1 and "facefit" in proc.stderr and "talk preprocess" in proc.stderr, proc.stderr

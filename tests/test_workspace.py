@@ -268,3 +268,33 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     with Workspace(root).locked("after the kill"):  # no stale lock
         holder = json.loads((root / ".talk.lock").read_text())
         assert holder["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not a manifest"])
+def test_damaged_manifest_is_restored_from_its_backup(tmp_path, graph, damage, capsys):
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    text = ws.manifest_path.read_text()
+    ws.manifest_path.write_text({"truncated": text[: len(text) // 2], "garbage": "\x00\x01garbage",
+                                 "empty": "", "not a manifest": "[1, 2]"}[damage])
+    assert _states(ws) == {"a": "done", "b": "done", "c": "done"}
+    assert "using its backup" in capsys.readouterr().err
+    assert json.loads(ws.manifest_path.read_text())["stages"].keys() == {"a", "b", "c"}  # put back
+    assert _run_all(ws, src) == {"a": False, "b": False, "c": False}
+
+
+def test_damaged_manifest_without_a_backup_names_the_file_and_what_to_run(tmp_path, graph):
+    from talkcli.errors import TalkError
+
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    ws.manifest_path.write_text("{ broken")
+    ws.backup_path.unlink()
+    with pytest.raises(TalkError, match=r"workspace\.json is damaged .*`talk preprocess VIDEO -w"):
+        ws.status()
