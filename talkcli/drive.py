@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import progress
+from .artifacts import NPZ_ERRORS, workspace_npz
 from .errors import InputError, UsageError
 from .workspace import Workspace, atomic_path, read_json
 
@@ -62,8 +63,9 @@ class Track:
             d = np.load(path)
             return cls(d["landmarks"], d["rotation"], d["translation"], float(d["fps"]), float(d["seconds"]),
                        str(d["audio"]), str(d["source"]), str(d["pose"]), d["mesh"] if "mesh" in d else None)
-        except (KeyError, ValueError, OSError) as exc:
-            raise InputError(f"--track {Path(path).name} is not a talkcli track ({exc})") from None
+        except NPZ_ERRORS as exc:  # a truncated file too: its arrays are read here
+            raise InputError(f"--track {Path(path).name} is not a talkcli track or is damaged "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 def _subject(ws: Workspace):
@@ -74,7 +76,7 @@ def _subject(ws: Workspace):
 
     check_preprocessed(ws)
     lmk, ok = subject_landmarks(ws)
-    fit = np.load(ws.path("facefit.npz"))
+    fit = workspace_npz(ws, "facefit.npz")
     frames = np.flatnonzero(ok)
     fps = float(read_json(ws.path("frames/frames.json"))["fps"])  # the working rate every stage uses
     return lmk, fit["rotation"].astype(np.float32), fit["translation"].astype(np.float32), frames, \
@@ -114,11 +116,7 @@ def make_track(ws: Workspace, *, audio: Path | None = None, expressions: Path | 
                 audio = o_wav
         seconds = len(offsets) / fps
         if audio is not None:  # the sound sets the length: the expressions are cut or held
-            from .media.audio import load_audio
-
-            n_audio = int(round(load_audio(audio, 16000).size / 16000 * fps))
-            if n_audio < 1:
-                raise InputError(f"--audio {Path(audio).name} is empty (no audio samples)")
+            _, n_audio = sources.load_speech(audio, 16000, fps)
             idx = np.minimum(np.arange(n_audio), len(offsets) - 1)
             offsets, seconds = offsets[idx], n_audio / fps
             sound = str(Path(audio).resolve())

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, progress
+from .artifacts import from_saved, load_torch, to_saved
 from .avatar.config import Preset, preset_from_dict
 from .avatar.data import HEAD, TORSO, SubjectData, head_aabb, landmark_box, load_subject, windows
 from .avatar.lpips import at_least_64, load_lpips
@@ -34,7 +35,7 @@ from .avatar.render import render_frame, render_rays
 from .avatar.torso import pose_vector
 from .errors import InputError
 from .ops import _native
-from .workspace import Workspace, atomic_path, run_stage, write_json
+from .workspace import Workspace, atomic_path, run_stage, write_json, write_torch
 
 MODEL_DIR = "models/r2talker"
 MODEL_FILE = f"{MODEL_DIR}/model.pt"
@@ -65,10 +66,26 @@ def build_model(preset: Preset, data: SubjectData, train_idx: np.ndarray) -> R2T
 
 
 def save_model(path: Path, model, preset: Preset, extra: dict) -> None:
+    """model.pt or checkpoint.pt: tensors and Python values only (numpy arrays in ``extra`` become
+    tensors), so that ``load_model`` unpickles it with ``weights_only``."""
     payload = {"format": 1, "talkcli": __version__, "preset": preset.to_dict(), "avatar": preset.avatar,
-               "aabb": model.aabb, "size": model.size, "state": model.state_dict(), **extra}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+               "aabb": to_saved(model.aabb), "size": model.size, "state": model.state_dict(), **to_saved(extra)}
+    write_torch(path, payload)
+
+
+def train_again(path: Path) -> str:
+    """The command that writes the avatar file ``path`` (models/<kind>/*.pt) again."""
+    kind = path.parent.name
+    flag = "" if kind == "r2talker" else f" --model {kind}"
+    return f"talk train {path.parent.parent.parent}{flag} --force"
+
+
+def read_payload(path: Path) -> dict:
+    """What ``save_model`` wrote to ``path``; a damaged or foreign file is an InputError."""
+    payload = load_torch(path, train_again(path))
+    if not isinstance(payload, dict) or not {"preset", "state", "aabb", "size"} <= payload.keys():
+        raise InputError(f"{path} is not a talkcli avatar; run `{train_again(path)}` again")
+    return payload
 
 
 def load_model(path: Path):
@@ -77,22 +94,23 @@ def load_model(path: Path):
         kind = path.parent.name
         flag = "" if kind == "r2talker" else f" --model {kind}"
         raise InputError(f"no trained {kind} avatar at {path}; run `talk train {path.parent.parent.parent}{flag}` first")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged file, whatever the unpickler says
-        raise InputError(f"{path} is damaged ({type(exc).__name__}); run `talk train --force` again") from exc
+    payload = read_payload(path)
     preset = preset_from_dict(payload["preset"])
     state = payload["state"]
-    if payload.get("avatar", "r2talker") == "meshhash":
-        from .avatar.meshhash import MeshHashAvatar
+    try:
+        if payload.get("avatar", "r2talker") == "meshhash":
+            from .avatar.meshhash import MeshHashAvatar
 
-        model = MeshHashAvatar.from_init(preset.model, tuple(payload["aabb"]), payload["init"],
-                                         state["torso.pose_mean"].numpy(), int(payload["size"]))
-    else:
-        lmk_box = (state["lmk_lo"].numpy(), state["lmk_hi"].numpy())
-        model = R2Talker(preset.model, tuple(payload["aabb"]), lmk_box, state["torso.pose_mean"].numpy(),
-                         int(payload["size"]))
-    model.load_state_dict(state)
+            model = MeshHashAvatar.from_init(preset.model, tuple(payload["aabb"]), from_saved(payload["init"]),
+                                             state["torso.pose_mean"].numpy(), int(payload["size"]))
+        else:
+            lmk_box = (state["lmk_lo"].numpy(), state["lmk_hi"].numpy())
+            model = R2Talker(preset.model, tuple(payload["aabb"]), lmk_box, state["torso.pose_mean"].numpy(),
+                             int(payload["size"]))
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError) as exc:  # tensors missing or of other shapes than the preset's
+        raise InputError(f"{path} does not hold a complete avatar ({type(exc).__name__}); "
+                         f"run `{train_again(path)}` again") from None
     model.eval()
     return model, preset, payload
 
@@ -263,9 +281,9 @@ class Trainer:
         if not path.is_file():
             return False
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - a damaged checkpoint is ignored, not fatal
-            progress.warn(f"{path} is unreadable; training from the start")
+            payload = read_payload(path)
+        except InputError:  # damaged, or a pickle that would run code: ignored, never loaded
+            progress.warn(f"{path} is damaged or not a talkcli checkpoint; training from the start")
             return False
         if payload.get("preset") != self.preset.to_dict() or payload.get("upstream") != self.upstream:
             progress.warn("the checkpoint was made with another preset or from other preprocess outputs; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .artifacts import workspace_npz
 from .avatar.data import head_aabb
 from .avatar.meshhash import MeshHashAvatar
 from .avatar.torso import pose_vector
@@ -35,7 +36,7 @@ class MeshHashTrainer(Trainer):
         from .avatar.anchors import build_layout
 
         d, m = self.data, self.preset.model
-        fit = np.load(self.ws.path("facefit.npz"))
+        fit = workspace_npz(self.ws, "facefit.npz")
         if str(fit["model"]) != "builtin" or "triangles" not in fit:
             from .errors import InputError
 

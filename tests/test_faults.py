@@ -42,8 +42,8 @@ from conftest import CLIP, WAV_16K
 HERE = Path(__file__).resolve().parent
 SEED = int(os.environ.get("TALKCLI_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
 CHECKPOINT_EVERY = 10
-TINY = ("--preset", "r2talker-tiny", "--set", "train.iterations=60", "--set", "train.torso_iterations=10",
-        "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}", "--set", "train.val_every=30")
+TINY = ("--preset", "r2talker-tiny", "--set", "train.iterations=40", "--set", "train.torso_iterations=10",
+        "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}", "--set", "train.val_every=20")
 PRE = ("--size", "64")
 PREPROCESS_STAGES = ("probe", "detect", "frames", "landmarks", "matting", "facefit", "audio", "audio_features")
 
@@ -281,9 +281,9 @@ def unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not unshare_works(), reason="`unshare -rm` (user + mount namespaces) is not permitted here")
-@pytest.mark.parametrize("stage, fault", [
-    ("preprocess", "readonly"), ("train", "full"), ("train", "readonly"), ("train-motion", "full"),
-    ("render", "full"), ("render", "readonly"), ("eval", "full"), ("eval", "readonly"),
+@pytest.mark.parametrize("stage, fault", [  # (preprocess on a full disk: test_bad_input.py)
+    ("preprocess", "readonly"), ("train", "full"), ("train-motion", "full"), ("render", "readonly"),
+    ("eval", "full"),
 ])
 def test_disk_fault_mid_stage_is_one_line_and_the_rerun_completes(base, tmp_path, rng, stage, fault):
     mnt = tmp_path / "mnt"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts import workspace_npz
 from ..errors import InputError, UsageError
 from ..preprocess.frameio import prefetch, read_frames
 from ..workspace import Workspace, read_json
@@ -110,8 +111,8 @@ def load_subject(ws: Workspace, size: int) -> SubjectData:
     bg = cv2.cvtColor(cv2.imread(str(ws.path("matting/bg.png")), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     bg = cv2.resize(bg, (size, size), interpolation=interp).astype(np.float32) / 255.0
 
-    fit = np.load(ws.path("facefit.npz"))
-    lms = np.load(ws.path("landmarks.npz"))
+    fit = workspace_npz(ws, "facefit.npz")
+    lms = workspace_npz(ws, "landmarks.npz")
     scale = size / src
     idx68 = lms["ibug68_index"].astype(np.int64)
     landmarks, train_ok = tracked_landmarks(fit, idx68)
@@ -139,8 +140,8 @@ def tracked_landmarks(fit, idx68: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def subject_landmarks(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     """``tracked_landmarks`` of a workspace's facefit.npz."""
-    idx68 = np.load(ws.path("landmarks.npz"))["ibug68_index"].astype(np.int64)
-    return tracked_landmarks(np.load(ws.path("facefit.npz")), idx68)
+    idx68 = workspace_npz(ws, "landmarks.npz")["ibug68_index"].astype(np.int64)
+    return tracked_landmarks(workspace_npz(ws, "facefit.npz"), idx68)
 
 
 def _fill_gaps(lmk: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ def load_audio(path: str | Path, sr: int = 16000, *, stream_index: int | None = 
     Channels are averaged here rather than by ffmpeg's ``-ac 1``, whose stereo downmix is
     (L+R)/sqrt(2): louder than the source and able to clip.
     """
+    _check_wav_complete(Path(path))
     channels = _channel_count(path, stream_index)
     inp = ffmpeg.input(str(path))
     audio = inp[f"{stream_index}"] if stream_index is not None else inp.audio
@@ -48,6 +49,44 @@ def _channel_count(path: str | Path, stream_index: int | None) -> int:
             return max(1, streams[0].codec_context.channels)
     except av.error.FFmpegError as exc:
         raise InputError(f"cannot read {Path(path).name}: not a media file, or truncated/corrupt") from exc
+
+
+# data sizes that writers to a pipe leave in the header, not knowing the length (ffmpeg 0xFFFFFFFF,
+# sox 0x7FFFF000): such a file is read to its end
+_UNKNOWN_SIZE = 0x7FFF0000
+
+
+def _check_wav_complete(path: Path) -> None:
+    """Refuse a WAV whose data chunk declares more bytes than the file holds (an interrupted
+    copy or download): ffmpeg would quietly decode what is there."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return  # not a WAV (RF64 and others keep their sizes elsewhere)
+            byte_rate = 0
+            while True:
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return  # no data chunk: ffmpeg says what is wrong
+                cid, n = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if cid == b"data":
+                    break
+                if cid == b"fmt ":
+                    fmt = fh.read(n + (n & 1))
+                    byte_rate = int.from_bytes(fmt[8:12], "little") if len(fmt) >= 12 else 0
+                else:
+                    fh.seek(n + (n & 1), 1)
+            present = size - fh.tell()
+    except OSError:
+        return  # unreadable: PyAV reports it with the file name
+    if n == 0 or n >= _UNKNOWN_SIZE or present >= n - max(byte_rate // 100, 1):  # within 10 ms is complete
+        return
+    if byte_rate:
+        raise InputError(f"{path.name} is truncated: its header declares {n / byte_rate:.2f} s of audio but the file "
+                         f"holds {max(present, 0) / byte_rate:.2f} s")
+    raise InputError(f"{path.name} is truncated: its header declares {n} bytes of audio but the file holds {present}")
 
 
 def aligned_audio(info: MediaInfo, sr: int, n_samples: int) -> np.ndarray:

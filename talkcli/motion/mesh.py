@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..artifacts import workspace_npz
 from ..errors import InputError
 from ..workspace import Workspace
 
 
 def _model(ws: Workspace, fit=None):
     """(neutral, basis) of the workspace's built-in face model (``fit``: its facefit.npz, when loaded)."""
-    fit = np.load(ws.path("facefit.npz")) if fit is None else fit
+    fit = workspace_npz(ws, "facefit.npz") if fit is None else fit
     if str(fit["model"]) != "builtin" or "basis" not in fit:
         raise InputError(f"{ws.root}: the meshhash avatar is driven through the built-in face model "
                          "(rerun `talk preprocess` without --flame)")
@@ -43,9 +44,9 @@ def transfer_mesh(ws: Workspace, other: Workspace, scale: float) -> np.ndarray:
     from .audio2motion import face_scale
 
     neutral, _ = _model(ws)
-    fit = np.load(other.path("facefit.npz"))
+    fit = workspace_npz(other, "facefit.npz")
     other_neutral, _ = _model(other, fit)
     other_mesh, ok = tracked_landmarks(fit, np.arange(fit["landmarks3d"].shape[1]))
-    idx68 = np.load(other.path("landmarks.npz"))["ibug68_index"].astype(np.int64)
+    idx68 = workspace_npz(other, "landmarks.npz")["ibug68_index"].astype(np.int64)
     ratio = scale / face_scale(other_mesh[ok][:, idx68])
     return (neutral[None] + (other_mesh - other_neutral[None]) * ratio).astype(np.float32)

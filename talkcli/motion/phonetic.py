@@ -70,7 +70,9 @@ def phone_track(samples: np.ndarray, sr: int = 16000) -> np.ndarray:
         dec.process_raw(pcm[start:start + step].tobytes(), full_utt=True)
         dec.end_utt()
         offset = int(round(start / (FRAME_S * sr)))
-        for seg in dec.seg():
+        # seg() is None, not empty, when the decoder made no hypothesis: a piece shorter than its
+        # analysis window (a truncated file, or the last few ms after a 30 s utterance)
+        for seg in dec.seg() or ():
             track[offset + seg.start_frame: offset + seg.end_frame + 1] = CLASS.get(seg.word, 0)
     return track
 

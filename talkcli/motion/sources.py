@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import NPZ_ERRORS, workspace_npz
 from ..errors import InputError, MissingModel, UsageError
 from ..workspace import Workspace
 from .audio2motion import face_scale
@@ -29,23 +30,35 @@ def _ibug68() -> np.ndarray:
     return np.asarray(idx, dtype=np.int64)
 
 
+def load_speech(path: Path, sr: int, fps: float) -> tuple[np.ndarray, int]:
+    """The ``--audio`` file as mono samples at ``sr`` and its length in frames at ``fps`` (at
+    least one); errors name the file."""
+    from ..media.audio import load_audio
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--audio {path}: a directory, not an audio file")
+    if not path.is_file():
+        raise InputError(f"--audio {path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputError(f"--audio {path.name} is empty (0 bytes)")
+    samples = load_audio(path, sr)
+    n = int(round(samples.size / sr * fps))
+    if n < 1:
+        raise InputError(f"--audio {path.name} is empty (less than one frame of audio)")
+    return samples, n
+
+
 def audio_features(path: Path, fps: float, visemes: bool = False) -> tuple[dict[str, np.ndarray], float]:
     """Features of any audio file ffmpeg reads at the subject's frame rate, T = round(duration * fps):
     {"mel": (T, 4, 80) log-mel} and, with ``visemes``, the phone recogniser's {"visemes": (T, 4, V)};
     and the duration in seconds."""
     from ..config import PreprocessConfig
-    from ..media.audio import load_audio
     from ..preprocess.audio_features import logmel
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--audio {path}: no such file")
     cfg = PreprocessConfig()
-    samples = load_audio(path, cfg.sample_rate)
+    samples, n = load_speech(path, cfg.sample_rate, fps)
     seconds = samples.size / cfg.sample_rate
-    n = int(round(seconds * fps))
-    if n < 1:
-        raise InputError(f"--audio {path.name} is empty (no audio samples)")
     feats = {"mel": logmel(samples, cfg.sample_rate, fps, n, cfg)}
     if visemes:
         from . import phonetic
@@ -68,14 +81,15 @@ def read_expressions(path: Path, ws: Workspace) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"--expressions {path}: no such file")
     if path.suffix.lower() == ".npz":
-        try:
+        try:  # the arrays are read here too: a damaged member fails on reading, not on opening
             data = np.load(path)
-        except Exception as exc:  # noqa: BLE001
+            arrays = {k: np.asarray(data[k], np.float64) for k in ("landmarks", "expression") if k in data}
+        except NPZ_ERRORS as exc:
             raise InputError(f"--expressions {path.name}: not a readable NPZ file ({type(exc).__name__})") from None
-        if "landmarks" in data:
-            return _landmark_offsets(np.asarray(data["landmarks"], np.float64), path)
-        if "expression" in data:
-            return _expression_offsets(np.asarray(data["expression"], np.float64), ws, path)
+        if "landmarks" in arrays:
+            return _landmark_offsets(arrays["landmarks"], path)
+        if "expression" in arrays:
+            return _expression_offsets(arrays["expression"], ws, path)
         raise InputError(f"--expressions {path.name}: needs an array 'landmarks' (T, 68|478, 3) or 'expression' (T, K)")
     if path.suffix.lower() != ".csv":
         raise UsageError(f"--expressions {path.name}: use a .csv or .npz file (docs/cli.md)")
@@ -112,7 +126,7 @@ def _landmark_offsets(lmk: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _expression_offsets(expr: np.ndarray, ws: Workspace, path: Path) -> np.ndarray:
-    fit = np.load(ws.path("facefit.npz"))
+    fit = workspace_npz(ws, "facefit.npz")
     if "basis" not in fit or str(fit["model"]) != "builtin":
         raise InputError("--expressions with coefficients needs a workspace fitted with the built-in face model")
     basis = fit["basis"][:, _ibug68()]  # (K, 68, 3)
@@ -132,6 +146,6 @@ def from_workspace(other: Workspace) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
     check_preprocessed(other)
     lmk, _ = subject_landmarks(other)
-    fit = np.load(other.path("facefit.npz"))
+    fit = workspace_npz(other, "facefit.npz")
     wav = other.path("audio/audio.wav")
     return offsets_from_landmarks(lmk), fit["rotation"], fit["translation"], wav if wav.is_file() else None

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from .. import progress
+from ..artifacts import from_saved, load_torch, to_saved, workspace_npz
 from ..avatar.data import check_preprocessed, subject_landmarks
 from ..errors import InputError
-from ..workspace import Workspace, atomic_path, run_stage, write_json
+from ..workspace import Workspace, run_stage, write_json, write_torch
 from . import phonetic
 from .audio2motion import (MotionConfig, MotionData, MotionEnsemble, MotionModel, audio_windows, face_scale, fit,
                            model_from_dict, mouth_error, mouth_opening)
@@ -56,7 +57,7 @@ def subject_data(ws: Workspace, holdout_fraction: float, name: str | None = None
 def subject_features(ws: Workspace) -> dict[str, np.ndarray]:
     """The workspace's log-mel features and, when the phone recogniser is installed, its viseme
     features at the same window centres."""
-    mel = np.load(ws.path("audio/features.npz"))
+    mel = workspace_npz(ws, "audio/features.npz")
     out = {"mel": mel["features"].astype(np.float32)}
     if phonetic.available():
         from ..media.audio import load_audio
@@ -118,8 +119,7 @@ def run(ws: Workspace, holdout_fraction: float = 0.1, cfg: MotionConfig = Motion
             model = fit([data], cfg, bar)
         result = evaluate(model, data, lmk, neutral, scale, train, hold)
         ws.path("models/motion").mkdir(parents=True, exist_ok=True)
-        with atomic_path(ws.path(MOTION_FILE)) as tmp:
-            torch.save({**model.to_dict(), "neutral": neutral, "scale": scale}, tmp)
+        save(ws.path(MOTION_FILE), model, neutral=neutral, scale=scale)
         write_json(ws.path(MOTION_EVAL), result)
         return result
 
@@ -128,10 +128,24 @@ def run(ws: Workspace, holdout_fraction: float = 0.1, cfg: MotionConfig = Motion
     return {"skipped": res.skipped, **res.record.get("summary", {})}
 
 
+def save(path: Path, model: MotionModel | MotionEnsemble, **extra) -> None:
+    """A motion model file: its arrays as tensors, so that ``load`` unpickles it with ``weights_only``."""
+    write_torch(path, to_saved({**model.to_dict(), **extra}))
+
+
 def load(path: Path) -> MotionModel | MotionEnsemble:
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"no motion model at {path}; run `talk train {path.parent.parent.parent}` first")
-    return model_from_dict(torch.load(path, map_location="cpu", weights_only=False))
+    own = path.parts[-3:] == Path(MOTION_FILE).parts  # a workspace's, not one from train-motion
+    rerun = f"talk train {path.parent.parent.parent} --force" if own else f"talk train-motion WORKSPACE... -o {path}"
+    payload = load_torch(path, rerun)
+    if isinstance(payload, dict):
+        try:
+            return model_from_dict(from_saved(payload))
+        except (KeyError, TypeError):  # fields missing: a torch file, but not of a motion model
+            pass
+    raise InputError(f"{path} is not a talkcli motion model; run `{rerun}` again")
 
 
 def train_general(workspaces: list[Workspace], out: Path, holdout_fraction: float = 0.1,
@@ -140,7 +154,6 @@ def train_general(workspaces: list[Workspace], out: Path, holdout_fraction: floa
     sets = [subject_data(ws, holdout_fraction, name=str(ws.root)) for ws in workspaces]
     with progress.bar("train motion", len(cfg.windows(tuple(sets[0][0].features))), unit="settings") as bar:
         model = fit([s[0] for s in sets], cfg, bar)
-    with atomic_path(Path(out)) as tmp:
-        torch.save(model.to_dict(), tmp)
+    save(Path(out), model)
     return {"model": str(out), "subjects": model.subjects,
             "eval": {str(ws.root): evaluate(model, *s) for ws, s in zip(workspaces, sets)}}
