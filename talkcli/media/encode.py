@@ -8,6 +8,7 @@ target only when ffmpeg succeeded. Audio, when given, starts at frame 0 and is c
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import tempfile
 from fractions import Fraction
@@ -16,7 +17,7 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, TalkError, UsageError, storage_error
 from ..workspace import atomic_path
 from .ffmpeg import _last_error_line, compile_args
 
@@ -71,8 +72,7 @@ class VideoWriter:
         assert self._proc is not None and self._err is not None
         self._proc.wait()
         self._err.seek(0)
-        msg = _last_error_line(self._err.read().decode("utf-8", "replace"))
-        raise InputError(f"ffmpeg failed while writing {self.path.name}: {msg}")
+        raise ffmpeg_error(self._err.read().decode("utf-8", "replace"), f"writing {self.path.name}", self.path)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._atomic is not None
@@ -104,6 +104,20 @@ class VideoWriter:
             self._err.close()
 
 
+# what ffmpeg prints (strerror) when the output cannot be written: the storage errors of exit code 4
+_STORAGE = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+            "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def ffmpeg_error(stderr: str, doing: str, path: Path) -> TalkError:
+    """ffmpeg's failure as the error the user can act on: a full or read-only disk is a
+    StorageError like any other write, anything else an InputError with ffmpeg's last line."""
+    for text, code in _STORAGE.items():
+        if text in stderr:
+            return storage_error(OSError(code, text), str(path))
+    return InputError(f"ffmpeg failed while {doing}: {_last_error_line(stderr)}")
+
+
 def mux(video: str | Path, audio: str | Path, out: str | Path) -> None:
     """Copy the video stream and add ``audio`` (re-encoded to AAC) starting at frame 0."""
     v = ffmpeg.input(str(video)).video
@@ -113,4 +127,4 @@ def mux(video: str | Path, audio: str | Path, out: str | Path) -> None:
                                           shortest=None, movflags="+faststart", format="mp4"))
         proc = subprocess.run(args, capture_output=True, text=True, errors="replace")
         if proc.returncode != 0:
-            raise InputError(f"ffmpeg failed while muxing {Path(out).name}: {_last_error_line(proc.stderr)}")
+            raise ffmpeg_error(proc.stderr, f"muxing {Path(out).name}", Path(out))
