@@ -82,3 +82,35 @@ def cuda_ext():
         return _native.load("cuda")
     except NotAvailable as exc:
         pytest.skip(f"CUDA kernels unavailable: {exc}")
+
+
+# A seconds-long subject for the fault and damaged-file tests: 3 s of the clip at 64², trained with
+# the tiny preset (checkpoints every 10 iterations); a copy of the workspace from before training.
+TINY_TRAIN = ("--preset", "r2talker-tiny", "--set", "train.iterations=40", "--set", "train.torso_iterations=10",
+              "--set", "train.checkpoint_every=10", "--set", "train.val_every=20")
+
+
+@pytest.fixture(scope="session")
+def tiny_subject(tmp_path_factory) -> dict:
+    """{root, clip, speech, ws, preprocessed, times}: the clip, 2 s of speech, the trained
+    workspace, its untrained copy, and the seconds each command took."""
+    import shutil
+    import time
+
+    from talkcli.media.ffmpeg import ffmpeg_exe
+
+    root = tmp_path_factory.mktemp("tiny-subject")
+    clip, speech = root / "clip.mp4", root / "speech.wav"
+    for src, dst, seconds in ((CLIP, clip, "3"), (WAV_16K, speech, "2")):
+        subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-i", str(src), "-t", seconds,
+                        *(["-c", "copy"] if dst.suffix == ".mp4" else []), str(dst)], check=True, timeout=120)
+    ws, times = root / "ws", {}
+    for name, args in (("preprocess", ("preprocess", clip, "-w", ws, "--size", "64")),
+                       ("train", ("train", ws, *TINY_TRAIN))):
+        t0 = time.time()
+        talk("--quiet", *args, check=True, timeout=600)
+        times[name] = time.time() - t0
+        if name == "preprocess":
+            shutil.copytree(ws, root / "preprocessed")
+    return {"root": root, "clip": clip, "speech": speech, "ws": ws, "preprocessed": root / "preprocessed",
+            "times": times}

@@ -1,7 +1,7 @@
 """Damaged, truncated and hostile files: ``talk`` fails with one line that names the file and what to
 rerun, and never runs code from a pickle.
 
-One module workspace: 2 s of the fixture at 64², trained with the tiny preset for a few iterations
+One workspace (conftest.tiny_subject): 3 s of the fixture at 64², trained with the tiny preset
 (avatar and motion model). Tests that damage a file do it in a copy. Where the workspace would
 notice the damage by itself (its records hold every output's size and hash, so a changed file makes
 its stage stale), ``consistent()`` rewrites the record so that the damaged file is what the code
@@ -114,16 +114,9 @@ def hostile(path: Path, marker: Path, how: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def subject(tmp_path_factory) -> Path:
-    """2 s of the fixture at 64², trained for a few iterations (avatar and motion model)."""
-    root = tmp_path_factory.mktemp("damaged")
-    clip = root / "short.mp4"
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-i", str(CLIP), "-t", "2", "-c", "copy",
-                    str(clip)], check=True, timeout=120)
-    ws = root / "ws"
-    for args in (("preprocess", clip, "-w", ws, "--size", "64"), ("train", ws, *TINY)):
-        proc = talk(*args, cwd=root, timeout=600)
-        assert proc.returncode == 0, proc.stderr
+def subject(tiny_subject) -> Path:
+    """3 s of the fixture at 64², trained for a few iterations (conftest.tiny_subject)."""
+    ws = tiny_subject["ws"]
     assert (ws / "models/r2talker/model.pt").is_file() and (ws / "models/motion/motion.pt").is_file()
     return ws
 
@@ -319,7 +312,7 @@ def test_a_truncated_face_fit_that_its_record_matches(subject, tmp_path, command
     args = {"train": (ws, *TINY, "--force"), "render": (ws, "--audio", WAV_16K, "-o", tmp_path / "o.mp4"),
             "drive": (ws, "--audio", WAV_16K), "train-motion": (ws, "-o", tmp_path / "m.pt"), "eval": (ws,)}[command]
     proc = talk(command, *args, cwd=tmp_path)
-    assert_error(proc, f"{ws}/facefit.npz is damaged", f"talk preprocess {subject.parent / 'short.mp4'} -w {ws} --force")
+    assert_error(proc, f"{ws}/facefit.npz is damaged", f"talk preprocess {subject.parent / 'clip.mp4'} -w {ws} --force")
 
 
 def test_garbage_landmarks_that_their_record_matches(subject, tmp_path):

@@ -34,16 +34,14 @@ from pathlib import Path
 
 import pytest
 
-from talkcli.media.ffmpeg import ffmpeg_exe
 from talkcli.workspace import Workspace, check_output
 
-from conftest import CLIP, WAV_16K
+from conftest import TINY_TRAIN
 
 HERE = Path(__file__).resolve().parent
 SEED = int(os.environ.get("TALKCLI_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
-CHECKPOINT_EVERY = 10
-TINY = ("--preset", "r2talker-tiny", "--set", "train.iterations=40", "--set", "train.torso_iterations=10",
-        "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}", "--set", "train.val_every=20")
+CHECKPOINT_EVERY = 10  # conftest.TINY_TRAIN's
+TINY = TINY_TRAIN
 PRE = ("--size", "64")
 PREPROCESS_STAGES = ("probe", "detect", "frames", "landmarks", "matting", "facefit", "audio", "audio_features")
 
@@ -156,13 +154,10 @@ def rng() -> random.Random:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Base:
-    root = tmp_path_factory.mktemp("faults")
-    clip, speech = root / "clip.mp4", root / "speech.wav"
-    for src, dst, seconds in ((CLIP, clip, "3"), (WAV_16K, speech, "2")):
-        subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-i", str(src), "-t", seconds,
-                        *(["-c", "copy"] if dst.suffix == ".mp4" else []), str(dst)], check=True, timeout=120)
-    ws, times = root / "ws", {}
+def base(tiny_subject) -> Base:
+    """The shared tiny subject (conftest), rendered, evaluated and given a general motion model."""
+    t = tiny_subject
+    root, ws, times = t["root"], t["ws"], dict(t["times"])
 
     def timed(name, *args):
         t0 = time.time()
@@ -170,13 +165,10 @@ def base(tmp_path_factory) -> Base:
         times[name] = time.time() - t0
         return proc
 
-    timed("preprocess", "preprocess", clip, "-w", ws, *PRE)
-    shutil.copytree(ws, root / "preprocessed")
-    timed("train", "train", ws, *TINY)
-    timed("render", "render", ws, "--audio", speech, "-o", root / "base.mp4")
+    timed("render", "render", ws, "--audio", t["speech"], "-o", root / "base.mp4")
     ev = json.loads(timed("eval", "eval", ws, "--json").stdout)
     general = json.loads(timed("train-motion", "train-motion", ws, "-o", root / "general.pt", "--json").stdout)
-    return Base(root, clip, speech, ws, root / "preprocessed", times, root / "base.mp4", general, ev)
+    return Base(root, t["clip"], t["speech"], ws, t["preprocessed"], times, root / "base.mp4", general, ev)
 
 
 def command(stage: str, base: Base, ws: Path, out: Path) -> list:
@@ -248,8 +240,12 @@ def test_render_killed_leaves_no_mp4_and_reruns_to_the_same_bytes(base, tmp_path
     ws = copy_of(base.ws, tmp_path / "ws")
     out_dir = tmp_path / "out"
     cmd = command("render", base, ws, out_dir)
-    assert kill_after(rng.uniform(0.2, 0.9) * base.times["render"], *cmd)
-    assert not (out_dir / "out.mp4").exists(), "a killed render left an MP4 at the output path"
+    proc = start(*cmd)  # once it holds the workspace, somewhere in the rendering
+    wait_for(ws / ".talk.lock", proc)
+    time.sleep(rng.uniform(0.05, 0.5) * base.times["render"])
+    assert kill(proc)
+    if (out_dir / "out.mp4").exists():  # killed on its way out: the MP4 was complete
+        assert sha256(out_dir / "out.mp4") == sha256(base.mp4), f"a killed render left a partial MP4 (seed {SEED})"
     assert_consistent(ws)
     ok(cli(*cmd))
     assert sha256(out_dir / "out.mp4") == sha256(base.mp4), f"seed {SEED}"
@@ -282,8 +278,7 @@ def unshare_works() -> bool:
 
 @pytest.mark.skipif(not unshare_works(), reason="`unshare -rm` (user + mount namespaces) is not permitted here")
 @pytest.mark.parametrize("stage, fault", [  # (preprocess on a full disk: test_bad_input.py)
-    ("preprocess", "readonly"), ("train", "full"), ("train-motion", "full"), ("render", "readonly"),
-    ("eval", "full"),
+    ("preprocess", "readonly"), ("train", "full"), ("render", "readonly"), ("eval", "full"),
 ])
 def test_disk_fault_mid_stage_is_one_line_and_the_rerun_completes(base, tmp_path, rng, stage, fault):
     mnt = tmp_path / "mnt"
@@ -333,21 +328,27 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("stage", ["preprocess", "train", "train-motion", "render", "eval", "drive"])
-def test_second_run_on_a_busy_workspace_exits_3(base, tmp_path, stage):
+def test_second_run_on_a_busy_workspace_exits_3(base, tmp_path):
+    """Every command that uses a workspace, started (all at once) while a run holds it."""
     ws = copy_of(base.ws, tmp_path / "ws")
     before = digests(ws)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ws)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        cmd = (["drive", ws, "--audio", base.speech] if stage == "drive" else command(stage, base, ws, tmp_path))
-        proc = cli(*cmd, timeout=120)
+        cmds = {stage: command(stage, base, ws, tmp_path) for stage in ("preprocess", "train", "train-motion",
+                                                                          "render", "eval")}
+        cmds["drive"] = ["drive", ws, "--audio", base.speech]
+        procs = {stage: subprocess.Popen([sys.executable, "-m", "talkcli.cli", "--quiet", *map(str, cmd)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for stage, cmd in cmds.items()}
+        results = {stage: (p.wait(timeout=120), p.stderr.read()) for stage, p in procs.items()}
     finally:
         holder.kill()
         holder.wait()
-    assert proc.returncode == 3, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "in use by pid" in lines[0] and str(holder.pid) in lines[0], proc.stderr
+    for stage, (code, err) in results.items():
+        lines = err.splitlines()
+        assert code == 3, f"{stage}: exit {code}\n{err}"
+        assert len(lines) == 1 and "in use by pid" in lines[0] and str(holder.pid) in lines[0], f"{stage}: {err}"
     assert digests(ws) == before
     assert not (tmp_path / "general.pt").exists() and not (tmp_path / "out.mp4").exists()
 

@@ -107,16 +107,28 @@ def _copy_ws(clip_ws, tmp_path) -> tuple[Path, Path]:
     return new_video, new_ws
 
 
-def test_touching_the_input_redoes_everything(clip_ws, tmp_path):
+def test_touching_the_input_redoes_nothing_and_new_content_redoes_everything(clip_ws, tmp_path):
     video, ws = _copy_ws(clip_ws, tmp_path)
     pre = set(CODE_VERSIONS)  # the preprocess stages (train stages are missing: nothing trained)
-    assert all(s["state"] == "done" for s in json.loads(talk("status", ws, "--json").stdout)["stages"]
-               if s["name"] in pre)
+
+    def states():
+        return {s["name"]: s["state"] for s in json.loads(talk("status", ws, "--json").stdout)["stages"]
+                if s["name"] in pre}
+
+    assert set(states().values()) == {"done"}
     st = video.stat()
-    os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
-    states = {s["name"]: s["state"] for s in json.loads(talk("status", ws, "--json").stdout)["stages"]
-              if s["name"] in pre}
-    assert set(states.values()) == {"stale"}
+    os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # touched (or copied): same bytes
+    assert set(states().values()) == {"done"}
+    summary = json.loads(talk("preprocess", video, "-w", ws, "--size", SIZE, "--json", check=True).stdout)
+    assert all(s["skipped"] for s in summary["stages"].values())
+    # the same frames and sound in other bytes (a remux with a title): the source changed
+    from talkcli.media.ffmpeg import ffmpeg_exe
+
+    remux = tmp_path / "remux.mp4"
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-i", str(video), "-c", "copy",
+                    "-metadata", "title=another take", str(remux)], check=True, timeout=120)
+    os.replace(remux, video)
+    assert set(states().values()) == {"stale"}
     summary = json.loads(talk("preprocess", video, "-w", ws, "--size", SIZE, "--json", check=True).stdout)
     assert not any(s["skipped"] for s in summary["stages"].values())
 
