@@ -52,7 +52,6 @@ def main() -> None:
         time.sleep(0.05)
     time.sleep(spec.get("delay", 0))
     fault_at = time.time() - t0
-    alive = proc.poll() is None
     if spec["fault"] == "full":
         with open(mnt / "fill", "wb", buffering=0) as fh:  # take every free block
             for chunk in (1 << 20, 4096):
@@ -61,9 +60,11 @@ def main() -> None:
                         fh.write(b"\0" * chunk)
                 except OSError:
                     pass
-    else:  # read-only: a remount is refused while a file is open for writing, so retry between writes
+    else:  # read-only: the kernel refuses the remount while a file is open for writing (an MP4 being
+        # encoded, say), so retry between writes
         while sh("mount", "-o", "remount,ro", str(mnt)).returncode and proc.poll() is None:
             time.sleep(0.01)
+    alive = proc.poll() is None  # the fault is in place and the command still runs
     out, err = proc.communicate(timeout=600)
     first = {"returncode": proc.returncode, "stdout": out, "stderr": err, "fault_at": round(fault_at, 2),
              "running_at_fault": alive, **state(ws)}
