@@ -108,20 +108,26 @@ def load_torch(path: Path, rerun: str):
         raise InputError(f"{path} is damaged ({type(exc).__name__}); run `{rerun}` again") from None
 
 
+def _map_leaves(obj, leaf):
+    """``obj`` with ``leaf`` applied to everything inside its dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_leaves(v, leaf) for v in obj)
+    return leaf(obj)
+
+
 def to_saved(obj):
     """``obj`` with every numpy array a tensor and every numpy scalar a Python number, so that
     ``load_torch`` needs no numpy globals (``from_saved`` turns the tensors back)."""
     import torch
 
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: to_saved(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_saved(v) for v in obj)
-    return obj
+    def leaf(x):
+        if isinstance(x, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(x))
+        return x.item() if isinstance(x, np.generic) else x
+
+    return _map_leaves(obj, leaf)
 
 
 def from_saved(obj):
@@ -129,10 +135,4 @@ def from_saved(obj):
     pass through)."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: from_saved(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(from_saved(v) for v in obj)
-    return obj
+    return _map_leaves(obj, lambda x: x.numpy() if isinstance(x, torch.Tensor) else x)

@@ -51,6 +51,29 @@ def interrupt_at(trainer, iteration: int) -> None:
         trainer.run()
 
 
+def unshare_works() -> bool:
+    """Whether user + mount namespaces are allowed here (a private tmpfs for disk-full tests)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def copy_with_fresh_mtimes(src: Path, dst: Path) -> None:
+    """What cp -r, scp, rsync without -t or a cloud download do: the same bytes, new mtimes."""
+    import shutil
+    import time
+
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    later = time.time_ns() + 5 * 10**9
+    for p in [dst, *dst.rglob("*")]:
+        os.utime(p, ns=(later, later))
+
+
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES

@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ import pytest
 from talkcli.media.ffmpeg import ffmpeg_exe
 from talkcli.workspace import Workspace
 
-from conftest import CLIP, WAV_16K as WAV
+from conftest import CLIP, WAV_16K as WAV, unshare_works
 
 STAGES = ("probe", "detect", "frames", "audio", "audio_features")
 
@@ -109,15 +108,6 @@ def assert_consistent(ws: Path, *, done: tuple[str, ...] = (), missing: tuple[st
     for name in missing:
         assert states[name] == "missing", f"{name} should be missing: {states}"
     return states
-
-
-def unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
 
 
 needs_unshare = pytest.mark.skipif(not unshare_works(), reason="`unshare -rm` (user + mount namespaces) is not "

@@ -36,7 +36,7 @@ import pytest
 
 from talkcli.workspace import Workspace, check_output
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, copy_with_fresh_mtimes, unshare_works
 
 HERE = Path(__file__).resolve().parent
 SEED = int(os.environ.get("TALKCLI_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
@@ -267,15 +267,6 @@ def test_eval_killed_reruns_to_the_same_metrics(base, tmp_path, rng):
 # --------------------------------------------------------------------------- disk full, read-only
 
 
-def unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 @pytest.mark.skipif(not unshare_works(), reason="`unshare -rm` (user + mount namespaces) is not permitted here")
 @pytest.mark.parametrize("stage, fault", [  # (preprocess on a full disk: test_bad_input.py)
     # read-only where files are written one by one; an MP4 is open for writing while it renders,
@@ -356,14 +347,6 @@ def test_second_run_on_a_busy_workspace_exits_3(base, tmp_path):
 
 
 # --------------------------------------------------------------------------- a copied workspace
-
-
-def copy_with_fresh_mtimes(src: Path, dst: Path) -> None:
-    """What cp -r, scp, rsync without -t or a cloud download do: the same bytes, new mtimes."""
-    shutil.copytree(src, dst, copy_function=shutil.copyfile)
-    later = time.time_ns() + 5 * 10**9
-    for p in [dst, *dst.rglob("*")]:
-        os.utime(p, ns=(later, later))
 
 
 def test_copied_workspace_keeps_its_work_and_one_changed_byte_counts(base, tmp_path):

@@ -16,6 +16,8 @@ from talkcli import workspace as wsmod
 from talkcli.errors import WorkspaceLocked
 from talkcli.workspace import Workspace, atomic_path, fingerprint_key, run_stage, source_fingerprint
 
+from conftest import copy_with_fresh_mtimes
+
 
 @pytest.fixture
 def graph(monkeypatch):
@@ -45,6 +47,16 @@ def _run_all(ws: Workspace, src, cfg_b: int = 1, force: bool = False) -> dict:
     return calls
 
 
+def _done(tmp_path) -> tuple:
+    """A source file and a workspace with a, b and c done from it."""
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    _run_all(ws, src)
+    return src, ws
+
+
 def _states(ws: Workspace) -> dict:
     return {s.name: s.state for s in ws.status()}
 
@@ -64,11 +76,7 @@ def test_skip_rerun_and_downstream(tmp_path, graph):
 
 
 def test_source_change_marks_everything_stale(tmp_path, graph):
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    ws = Workspace(tmp_path / "ws")
-    ws.create()
-    _run_all(ws, src)
+    src, ws = _done(tmp_path)
     st = os.stat(src)
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: the content is the same
     assert _states(ws) == {"a": "done", "b": "done", "c": "done"}
@@ -78,14 +86,6 @@ def test_source_change_marks_everything_stale(tmp_path, graph):
     assert states["a"] == ("stale", "source file changed")
     assert states["b"] == ("stale", "upstream a is stale")
     assert _run_all(ws, src) == {"a": True, "b": True, "c": True}
-
-
-def _copy_with_fresh_mtimes(src_dir, dst_dir):
-    """What cp -r, scp, rsync without -t or a cloud download do: same bytes, new mtimes."""
-    shutil.copytree(src_dir, dst_dir, copy_function=shutil.copyfile)
-    later = time.time_ns() + 5 * 10**9
-    for p in [dst_dir, *dst_dir.rglob("*")]:
-        os.utime(p, ns=(later, later))
 
 
 def test_copied_workspace_and_source_keep_every_stage(tmp_path, graph):
@@ -100,7 +100,7 @@ def test_copied_workspace_and_source_keep_every_stage(tmp_path, graph):
     (ws.root / "dir").mkdir()
     (ws.root / "dir" / "1.bin").write_bytes(b"one")
     _run_all(ws, home / "src.txt")
-    _copy_with_fresh_mtimes(home, tmp_path / "elsewhere")
+    copy_with_fresh_mtimes(home, tmp_path / "elsewhere")
     shutil.rmtree(home)
     copy = Workspace(tmp_path / "elsewhere" / "ws")
     rows = {s.name: (s.state, s.reason) for s in copy.status()}
@@ -115,11 +115,7 @@ def test_copied_workspace_and_source_keep_every_stage(tmp_path, graph):
 
 
 def test_workspace_without_its_source_keeps_its_stages(tmp_path, graph):
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    ws = Workspace(tmp_path / "ws")
-    ws.create()
-    _run_all(ws, src)
+    src, ws = _done(tmp_path)
     src.unlink()
     rows = {s.name: (s.state, s.reason) for s in ws.status()}
     assert rows["a"] == ("done", "source video not found; its outputs are kept")
@@ -148,7 +144,7 @@ def test_one_changed_byte_makes_the_stage_and_its_downstream_stale(tmp_path, whe
     target = ws.path("b.txt") if where == "file" else ws.path("d/sub/y.bin")
     data = bytearray(target.read_bytes())
     data[2] ^= 1
-    _copy_with_fresh_mtimes(ws.root, tmp_path / "copy")  # a copy, then the change
+    copy_with_fresh_mtimes(ws.root, tmp_path / "copy")  # a copy, then the change
     copy = Workspace(tmp_path / "copy")
     (copy.root / target.relative_to(ws.root)).write_bytes(bytes(data))
     rows = {s.name: (s.state, s.reason) for s in copy.status()}
@@ -160,11 +156,7 @@ def test_one_changed_byte_makes_the_stage_and_its_downstream_stale(tmp_path, whe
 def test_records_of_older_versions_survive_a_copy(tmp_path, graph):
     """Records written before content hashes (size + mtime only, a source key with the mtime):
     after a copy their stages stay done, and preprocess-style reruns skip them."""
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    ws = Workspace(tmp_path / "ws")
-    ws.create()
-    _run_all(ws, src)
+    src, ws = _done(tmp_path)
     data = ws.manifest()
     for rec in data["stages"].values():
         for stats in rec["outputs"].values():
@@ -175,7 +167,7 @@ def test_records_of_older_versions_survive_a_copy(tmp_path, graph):
     a["inputs"]["source"] = old_key
     a["key"] = wsmod.stage_key("a", 1, {}, a["inputs"])
     ws._write_manifest(data)
-    _copy_with_fresh_mtimes(tmp_path / "ws", tmp_path / "copy")
+    copy_with_fresh_mtimes(tmp_path / "ws", tmp_path / "copy")
     os.utime(src, ns=(time.time_ns() + 10**10,) * 2)
     copy = Workspace(tmp_path / "copy")
     assert _states(copy) == {"a": "done", "b": "done", "c": "done"}
@@ -183,11 +175,7 @@ def test_records_of_older_versions_survive_a_copy(tmp_path, graph):
 
 
 def test_redone_upstream_makes_downstream_stale(tmp_path, graph):
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    ws = Workspace(tmp_path / "ws")
-    ws.create()
-    _run_all(ws, src)
+    src, ws = _done(tmp_path)
     fp = ws.source()
     a = ws.record("a")
     run_stage(ws, "b", code_version=1, config={"x": 9}, inputs={"a": a["output_key"]}, outputs=["b.txt"],
@@ -199,11 +187,7 @@ def test_redone_upstream_makes_downstream_stale(tmp_path, graph):
 
 
 def test_removed_output_is_missing_and_redone(tmp_path, graph):
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    ws = Workspace(tmp_path / "ws")
-    ws.create()
-    _run_all(ws, src)
+    src, ws = _done(tmp_path)
     ws.path("b.txt").unlink()
     assert _states(ws)["b"] == "missing"
     assert _run_all(ws, src) == {"a": False, "b": True, "c": True}  # b was remade: c is made from it
@@ -272,11 +256,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not a manifest"])
 def test_damaged_manifest_is_restored_from_its_backup(tmp_path, graph, damage, capsys):
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    ws = Workspace(tmp_path / "ws")
-    ws.create()
-    _run_all(ws, src)
+    src, ws = _done(tmp_path)
     text = ws.manifest_path.read_text()
     ws.manifest_path.write_text({"truncated": text[: len(text) // 2], "garbage": "\x00\x01garbage",
                                  "empty": "", "not a manifest": "[1, 2]"}[damage])
@@ -289,11 +269,7 @@ def test_damaged_manifest_is_restored_from_its_backup(tmp_path, graph, damage, c
 def test_damaged_manifest_without_a_backup_names_the_file_and_what_to_run(tmp_path, graph):
     from talkcli.errors import TalkError
 
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    ws = Workspace(tmp_path / "ws")
-    ws.create()
-    _run_all(ws, src)
+    src, ws = _done(tmp_path)
     ws.manifest_path.write_text("{ broken")
     ws.backup_path.unlink()
     with pytest.raises(TalkError, match=r"workspace\.json is damaged .*`talk preprocess VIDEO -w"):
