@@ -83,6 +83,17 @@ def kill_after(seconds: float, *args) -> bool:
     return kill(proc)
 
 
+def kill_mid_run(seconds: float, args, reset) -> None:
+    """kill -9 ``args`` after ``seconds``; when a loaded machine let it finish first, ``reset()``
+    what it wrote and try again sooner, so that the kill lands mid-run."""
+    for _ in range(4):
+        if kill_after(seconds, *args):
+            return
+        reset()
+        seconds /= 2
+    raise AssertionError(f"{args[0]} finished before every kill (seed {SEED})")
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.time()
     while not path.exists():
@@ -229,7 +240,7 @@ def test_train_killed_resumes_from_its_last_checkpoint(base, tmp_path, rng):
 def test_train_motion_killed_reruns_to_the_same_model(base, tmp_path, rng):
     cmd = command("train-motion", base, base.ws, tmp_path)
     out = tmp_path / "general.pt"
-    assert kill_after(rng.uniform(0.2, 0.9) * base.times["train-motion"], *cmd)
+    kill_mid_run(rng.uniform(0.2, 0.9) * base.times["train-motion"], cmd, lambda: out.unlink())
     assert not out.exists(), "a killed train-motion left a model file"
     again = json.loads(ok(cli(*cmd)).stdout)
     assert again["eval"] == base.general["eval"], f"seed {SEED}"
@@ -257,7 +268,7 @@ def test_eval_killed_reruns_to_the_same_metrics(base, tmp_path, rng):
     ws = copy_of(base.ws, tmp_path / "ws")
     shutil.rmtree(ws / "eval")
     cmd = command("eval", base, ws, tmp_path)
-    assert kill_after(rng.uniform(0.2, 0.9) * base.times["eval"], *cmd)
+    kill_mid_run(rng.uniform(0.2, 0.9) * base.times["eval"], cmd, lambda: shutil.rmtree(ws / "eval"))
     assert_consistent(ws)
     again = json.loads(ok(cli(*cmd)).stdout)
     assert metrics(again) == metrics(base.eval), f"seed {SEED}"
